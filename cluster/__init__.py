@@ -1,0 +1,1 @@
+"""Distribution of gpt-oss over Ray actors (attention replicas, router, expert shards)."""

@@ -1,0 +1,1 @@
+"""Serving: the Ray Serve OpenAI app, the CLI, metrics and the load generator."""

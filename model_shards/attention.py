@@ -1,0 +1,86 @@
+"""Grouped-query attention with learned sinks and the per-layer sliding window.
+
+Sinks: one learned logit per query head joins the softmax denominator as an extra column, after
+scaling and masking, unscaled; it has no value vector, so attention rows sum to less than 1.
+Window: on sliding layers key j is visible from query i iff 0 <= i - j < 128 (exactly 128 keys
+including the query itself). Logits and softmax run in fp32 (like OpenAI's Triton reference and
+FlashAttention-3 with sinks); q/k/v and the output stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model_shards.batch import StepLayout, pad, unpad
+from model_shards.config import GptOssConfig
+from model_shards.kv_cache import KVCache, StepKV
+from model_shards.norm import rms_norm
+from model_shards.rope import apply_rope
+from model_shards.weights import AttentionWeights
+
+# Bound on [S, heads, N, L] logits per call; longer prefills are processed in query blocks.
+MAX_LOGITS = 1 << 25
+
+
+def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
+    """q_pos [S, N], k_pos/k_valid [S, L] -> [S, N, L] bool: causal, and within `window` keys
+    (counting the query's own position) when window is set."""
+    distance = q_pos[:, :, None] - k_pos[:, None, :]  # [S, N, L]
+    allowed = k_valid[:, None, :] & (distance >= 0)
+    if window is not None:
+        allowed &= distance < window
+    return allowed
+
+
+def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                    sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [S, N, nq, d], k/v [S, L, nkv, d], allowed [S, N, L], sinks [nq] -> [S, N, nq, d]."""
+    s, n, nq, d = q.shape
+    nkv = k.shape[2]
+    g = nq // nkv
+    qf = q.to(torch.float32).view(s, n, nkv, g, d)
+    kf, vf = k.to(torch.float32), v.to(torch.float32)
+    logits = torch.einsum("snhgd,slhd->shgnl", qf, kf) * scale  # [S, nkv, g, N, L]
+    logits = logits.masked_fill(~allowed[:, None, None, :, :], float("-inf"))
+    sink = sinks.to(torch.float32).view(1, nkv, g, 1, 1).expand(s, nkv, g, n, 1)
+    probs = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1]  # drop the sink column
+    out = torch.einsum("shgnl,slhd->snhgd", probs, vf)  # [S, N, nkv, g, d]
+    return out.reshape(s, n, nq, d).to(q.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+           k_valid: torch.Tensor, sinks: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """sdpa_with_sinks over query blocks small enough to bound the logits' memory."""
+    s, n, nq, _ = q.shape
+    block = max(1, MAX_LOGITS // max(1, s * nq * k.shape[1]))
+    outs = []
+    for a in range(0, n, block):
+        mask = allowed_keys(q_pos[:, a:a + block], k_pos, k_valid, window)
+        outs.append(sdpa_with_sinks(q[:, a:a + block], k, v, mask, sinks, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def attention_block(x: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, layer: int,
+                    cos: torch.Tensor, sin: torch.Tensor, layout: StepLayout, kv: KVCache,
+                    kv_view: StepKV) -> torch.Tensor:
+    """x [T, H] -> x + attention(norm(x)) [T, H]; reads the past from `kv` and writes this
+    step's keys and values into it."""
+    t = x.shape[0]
+    hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    qkv = F.linear(rms_norm(x, w.attn_norm, cfg.rms_norm_eps), w.qkv_w, w.qkv_b)  # [T, q + 2kv]
+    q = apply_rope(qkv[:, :cfg.q_dim].view(t, nq, hd), cos, sin)  # [T, nq, d]
+    k = apply_rope(qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(t, nkv, hd), cos, sin)  # [T, nkv, d]
+    v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, nkv, hd)  # [T, nkv, d]
+
+    k_past, v_past, pos_past, valid_past = kv.past(layer, kv_view)  # [S, P, nkv, d], [S, P]
+    keys = torch.cat((k_past, pad(k, layout)), dim=1)  # [S, P + N, nkv, d]
+    values = torch.cat((v_past, pad(v, layout)), dim=1)
+    k_pos = torch.cat((pos_past, layout.q_pos), dim=1)  # [S, P + N]
+    k_valid = torch.cat((valid_past, layout.q_valid), dim=1)
+    window = cfg.sliding_window if cfg.is_sliding(layer) else None
+    out = attend(pad(q, layout), keys, values, layout.q_pos, k_pos, k_valid, w.sinks, hd ** -0.5, window)
+    kv.write(layer, kv_view, k, v)
+    out = unpad(out, layout).reshape(t, cfg.q_dim)  # [T, nq * d], head-major
+    return x + F.linear(out, w.out_w, w.out_b)

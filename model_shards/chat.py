@@ -1,0 +1,189 @@
+"""Harmony chat format: OpenAI-style messages -> prompt ids, and generated ids -> reasoning,
+answer and tool calls.
+
+Rendering goes through openai-harmony itself (a port of its renderer would drift; spec 5.7 lists how
+the HF template already differs). Mapping of OpenAI roles: `system` and `developer` messages become
+the harmony developer message's instructions (the model's system message carries identity, date and
+reasoning effort); assistant history renders `reasoning` on the analysis channel, `content` on the
+final channel and `tool_calls` as commentary messages to `functions.NAME`; `tool` messages come
+from `functions.NAME` (the name found through `tool_call_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyError, Message, ReasoningEffort, Role,
+                            StreamableParser, SystemContent, ToolDescription)
+
+from model_shards.tokenizer import decode, harmony
+
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+class ChatFormatError(ValueError):
+    """Messages or tools that cannot be rendered as a harmony conversation."""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text as the model wrote it
+
+
+@dataclass
+class ParsedCompletion:
+    reasoning: str = ""  # analysis channel (and commentary without a recipient)
+    content: str = ""  # final channel
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ChatFormatError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ChatFormatError("message content must be a string or a list of text parts")
+
+
+def _tool_descriptions(tools: list[dict[str, Any]]) -> list[ToolDescription]:
+    out = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatFormatError("each tool must be {'type': 'function', 'function': {'name': ...}}")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ChatFormatError(f"tool {fn['name']!r}: parameters must be a JSON schema object")
+        out.append(ToolDescription.new(fn["name"], fn.get("description") or "", parameters=params))
+    return out
+
+
+def _assistant_messages(message: dict[str, Any], call_names: dict[str, str]) -> list[Message]:
+    out = []
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if reasoning:
+        out.append(Message.from_role_and_content(Role.ASSISTANT, str(reasoning)).with_channel("analysis"))
+    text = _text(message)
+    if text:
+        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("final"))
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatFormatError("assistant tool_calls entries need function.name")
+        arguments = fn.get("arguments", "{}")
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        call_names[str(call.get("id", ""))] = fn["name"]
+        out.append(Message.from_role_and_content(Role.ASSISTANT, arguments).with_channel("commentary")
+                   .with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json"))
+    return out
+
+
+def build_conversation(messages: list[dict[str, Any]], reasoning_effort: str = "medium",
+                       tools: list[dict[str, Any]] | None = None, date: str | None = None) -> Conversation:
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ChatFormatError(f"reasoning_effort must be one of {REASONING_EFFORTS}")
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages must be a non-empty list")
+    system = SystemContent.new().with_reasoning_effort(ReasoningEffort[reasoning_effort.upper()])
+    if date:
+        system = system.with_conversation_start_date(date)
+    instructions: list[str] = []
+    body: list[Message] = []
+    call_names: dict[str, str] = {}
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            instructions.append(_text(message))
+        elif role == "user":
+            body.append(Message.from_role_and_content(Role.USER, _text(message)))
+        elif role == "assistant":
+            body.extend(_assistant_messages(message, call_names))
+        elif role == "tool":
+            name = message.get("name") or call_names.get(str(message.get("tool_call_id", "")))
+            if not name:
+                raise ChatFormatError("a tool message needs a tool_call_id of an earlier assistant tool call")
+            author = Author.new(Role.TOOL, f"functions.{name}")
+            body.append(Message.from_author_and_content(author, _text(message))
+                        .with_channel("commentary").with_recipient("assistant"))
+        else:
+            raise ChatFormatError(f"unsupported message role {role!r}")
+    head = [Message.from_role_and_content(Role.SYSTEM, system)]
+    developer = DeveloperContent.new()
+    if instructions:
+        developer = developer.with_instructions("\n\n".join(instructions))
+    if tools:
+        developer = developer.with_function_tools(_tool_descriptions(tools))
+    if instructions or tools:
+        head.append(Message.from_role_and_content(Role.DEVELOPER, developer))
+    return Conversation.from_messages(head + body)
+
+
+def render_chat(messages: list[dict[str, Any]], reasoning_effort: str = "medium",
+                tools: list[dict[str, Any]] | None = None, date: str | None = None) -> list[int]:
+    """Prompt ids ending in `<|start|>assistant`, ready for sampling."""
+    conversation = build_conversation(messages, reasoning_effort, tools, date)
+    return list(harmony().render_conversation_for_completion(conversation, Role.ASSISTANT))
+
+
+class CompletionParser:
+    """Incremental parser of generated ids. Tolerant: output that breaks the harmony grammar (a
+    random model, a truncated answer) ends up as plain content instead of raising."""
+
+    def __init__(self) -> None:
+        self._parser = StreamableParser(harmony(), role=Role.ASSISTANT)
+        self._broken: list[int] = []  # ids after the grammar broke
+        self._all: list[int] = []
+
+    def feed(self, token_id: int) -> None:
+        self._all.append(token_id)
+        if self._broken:
+            self._broken.append(token_id)
+            return
+        try:
+            self._parser.process(token_id)
+        except HarmonyError:
+            self._broken.append(token_id)
+
+    def result(self) -> ParsedCompletion:
+        out = ParsedCompletion()
+        messages = [(m.channel, m.recipient, "".join(c.text for c in m.content if hasattr(c, "text")))
+                    for m in self._parser.messages]
+        if self._parser.current_content:
+            messages.append((self._parser.current_channel, self._parser.current_recipient,
+                             self._parser.current_content))
+        reasoning, content = [], []
+        for channel, recipient, text in messages:
+            if recipient and recipient.startswith("functions."):
+                out.tool_calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", recipient[len("functions."):], text))
+            elif channel == "final":
+                content.append(text)
+            else:
+                reasoning.append(text)
+        if self._broken:
+            content.append(decode(self._broken))
+        elif not messages and self._all:
+            # Never got past a header (no <|message|>): not harmony at all, show it as it came.
+            content.append(decode(self._all))
+        out.reasoning, out.content = "\n".join(reasoning), "".join(content)
+        return out
+
+
+def parse_completion(token_ids: list[int]) -> ParsedCompletion:
+    parser = CompletionParser()
+    for token in token_ids:
+        parser.feed(token)
+    return parser.result()

@@ -1,0 +1,36 @@
+"""One call from `--model` (a path or a hub id) to a ready single-process model."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from model_shards.checkpoint import Checkpoint
+from model_shards.hub import resolve_model
+from model_shards.model import GptOssModel
+from model_shards.weights import load_model, move_to
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def load_local_model(model: str, dtype: torch.dtype = torch.bfloat16, keep_mxfp4: bool = False,
+                     device: str = "cpu", layout: str | None = None) -> GptOssModel:
+    start = time.perf_counter()
+    with Checkpoint(resolve_model(model), layout) as ckpt:
+        weights = load_model(ckpt, dtype, keep_mxfp4=keep_mxfp4)
+        read = ckpt.bytes_read
+    if device != "cpu":
+        move_to(weights, device)
+    log.info("loaded %s (%s layout, %.1f MB) in %.1fs", model, ckpt.layout, read / 1e6, time.perf_counter() - start)
+    return GptOssModel(weights)

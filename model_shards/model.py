@@ -1,0 +1,54 @@
+"""gpt-oss in one process, built from the same functions the cluster's actors call.
+
+It is both the engine for small models (`--engine local`) and the reference the cluster must
+reproduce exactly. The forward pass runs on a flat batch of tokens from several sequences, each at
+its own positions (prefill chunks and decode tokens mixed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model_shards.attention import attention_block
+from model_shards.batch import StepLayout
+from model_shards.kv_cache import KVCache
+from model_shards.moe import moe_block
+from model_shards.norm import rms_norm
+from model_shards.rope import Rope
+from model_shards.weights import GlobalWeights, ModelWeights
+
+
+def embed(token_ids: torch.Tensor, w: GlobalWeights) -> torch.Tensor:
+    """[T] -> [T, H]; no scaling by sqrt(H)."""
+    return F.embedding(token_ids, w.embedding)
+
+
+def unembed(hidden: torch.Tensor, w: GlobalWeights, eps: float) -> torch.Tensor:
+    """[S, H] -> [S, V] fp32 logits (final norm, then the untied unembedding in the model dtype)."""
+    return F.linear(rms_norm(hidden, w.final_norm, eps), w.unembedding).to(torch.float32)
+
+
+class GptOssModel:
+    def __init__(self, weights: ModelWeights) -> None:
+        self.weights = weights
+        self.config = weights.config
+        self.dtype = weights.globals.embedding.dtype
+        self.device = weights.globals.embedding.device
+        self.rope = Rope(self.config, self.device)
+
+    def new_cache(self, num_blocks: int, max_seqs: int, block_size: int = 16) -> KVCache:
+        return KVCache(self.config, num_blocks, max_seqs, block_size, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache) -> torch.Tensor:
+        """token_ids [T] -> logits [S, V] fp32 for the last token of each chunk."""
+        cfg, w = self.config, self.weights
+        cos, sin = self.rope.cos_sin(layout.positions, self.dtype)  # [T, d/2]
+        kv_view = kv.view(layout)
+        x = embed(token_ids, w.globals)  # [T, H]
+        for layer in range(cfg.num_hidden_layers):
+            attn = w.attention[layer]
+            x = attention_block(x, attn, cfg, layer, cos, sin, layout, kv, kv_view)
+            x = x + moe_block(rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps), w.routers[layer], w.experts[layer], cfg)
+        return unembed(x[layout.last_token], w.globals, cfg.rms_norm_eps)

@@ -1,0 +1,75 @@
+"""Choosing the next token: greedy, temperature, top-p, seeded.
+
+Sampling is counter-based: the random draw for a sequence's n-th generated token depends only on
+(seed, n). A request therefore gives the same tokens whatever else shares its batch, and a request
+resumed after a failure continues exactly as it would have. Log-probs are those of the unmodified
+distribution (before temperature and top-p), as the OpenAI API reports them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+GREEDY_BELOW = 1e-5  # temperatures under this mean argmax
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None  # None: the engine draws one when the request is created
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[V] probabilities -> [V] with only the smallest top set reaching mass top_p (renormalized)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep_sorted = (torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p  # always keeps the first
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order[keep_sorted]] = True
+    filtered = probs * keep
+    return filtered / filtered.sum()
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
+           steps: Sequence[int]) -> tuple[list[int], list[float]]:
+    """logits [S, V] fp32 -> one token per row and its log-prob; row i uses params[i], and the
+    draw is fixed by (seeds[i], steps[i])."""
+    logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [S, V]
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for row, p in enumerate(params):
+        if p.greedy:
+            continue
+        probs = torch.softmax(logits[row].to(torch.float32).cpu() / p.temperature, dim=-1)  # [V]
+        probs = top_p_filter(probs, p.top_p)
+        tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
+    chosen = logprobs[torch.arange(len(tokens), device=logits.device),
+                      torch.tensor(tokens, device=logits.device)]
+    return tokens, chosen.tolist()

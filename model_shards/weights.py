@@ -1,0 +1,275 @@
+"""Model weights as plain dataclasses of tensors, and loaders for any slice of them.
+
+The split follows the actors that will hold them: attention (with both norms, since the attention
+replica also computes the MoE block's pre-norm), routers, expert stacks [a, b) per layer, and the
+globals (embedding, final norm, unembedding). Norm weights and sinks stay float32 in every dtype:
+RMSNorm multiplies its weight in fp32 and the sink logits join an fp32 softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import torch
+
+from model_shards import mxfp4
+from model_shards.checkpoint import Checkpoint, CheckpointError
+from model_shards.config import GptOssConfig
+from model_shards.layout import expert_names, global_name, layer_names
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionWeights:
+    attn_norm: torch.Tensor  # [H] fp32
+    qkv_w: torch.Tensor  # [q + 2kv, H]; rows: Q heads, then K heads, then V heads
+    qkv_b: torch.Tensor  # [q + 2kv]
+    sinks: torch.Tensor  # [nq] fp32, one logit per query head
+    out_w: torch.Tensor  # [H, q]
+    out_b: torch.Tensor  # [H]
+    mlp_norm: torch.Tensor  # [H] fp32, the MoE block's pre-norm
+
+
+@dataclass
+class RouterWeights:
+    weight: torch.Tensor  # [E, H]
+    bias: torch.Tensor  # [E]
+
+
+@dataclass
+class DenseStack:
+    """n expert matrices held as floats."""
+
+    weight: torch.Tensor  # [n, out, in]
+
+    def matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
+        return self.weight[i].to(dtype)
+
+    def logical_numel(self) -> int:
+        return self.weight.numel()
+
+
+@dataclass
+class Mxfp4Stack:
+    """n expert matrices kept packed in MXFP4 (4.25 bits per weight), decoded on use."""
+
+    blocks: torch.Tensor  # [n, out, in/32, 16] uint8
+    scales: torch.Tensor  # [n, out, in/32] uint8
+
+    def matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
+        return mxfp4.dequantize(self.blocks[i], self.scales[i], dtype)
+
+    def logical_numel(self) -> int:
+        return self.blocks.numel() * 2
+
+
+ExpertStack = Union[DenseStack, Mxfp4Stack]
+
+
+@dataclass
+class ExpertWeights:
+    """Experts [first, first + n) of one layer."""
+
+    first: int
+    gate_up: ExpertStack  # [n, 2I, H]; rows interleave gate (even) and up (odd)
+    gate_up_bias: torch.Tensor  # [n, 2I]
+    down: ExpertStack  # [n, H, I]
+    down_bias: torch.Tensor  # [n, H]
+
+    @property
+    def count(self) -> int:
+        return self.gate_up_bias.shape[0]
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.count
+
+
+@dataclass
+class GlobalWeights:
+    embedding: torch.Tensor  # [V, H]
+    final_norm: torch.Tensor  # [H] fp32
+    unembedding: torch.Tensor  # [V, H]
+
+
+@dataclass
+class ModelWeights:
+    config: GptOssConfig
+    globals: GlobalWeights
+    attention: list[AttentionWeights]
+    routers: list[RouterWeights]
+    experts: list[ExpertWeights]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() if isinstance(t, torch.Tensor) else t.logical_numel() for t in _leaves(self))
+
+
+def _leaves(obj: object) -> Iterator[torch.Tensor | DenseStack | Mxfp4Stack]:
+    if isinstance(obj, (torch.Tensor, DenseStack, Mxfp4Stack)):
+        yield obj
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from _leaves(item)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
+        for field in dataclasses.fields(obj):
+            yield from _leaves(getattr(obj, field.name))
+
+
+def move_to(obj: object, device: torch.device | str) -> None:
+    """Move every tensor of a weights dataclass (nested) to `device`, in place."""
+    if isinstance(obj, list):
+        for item in obj:
+            move_to(item, device)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if isinstance(value, torch.Tensor):
+                setattr(obj, field.name, value.to(device))
+            else:
+                move_to(value, device)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def _expect(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for this config")
+    return tensor
+
+
+def _read_concat(ckpt: Checkpoint, names: tuple[str, ...]) -> torch.Tensor:
+    parts = [ckpt.read(n) for n in names]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _layer_range(cfg: GptOssConfig, layers: range | None) -> range:
+    layers = range(cfg.num_hidden_layers) if layers is None else layers
+    if layers.step != 1 or not 0 <= layers.start < layers.stop <= cfg.num_hidden_layers:
+        raise CheckpointError(f"layers [{layers.start}, {layers.stop}) outside [0, {cfg.num_hidden_layers})")
+    return layers
+
+
+def load_globals(ckpt: Checkpoint, dtype: torch.dtype) -> GlobalWeights:
+    cfg = ckpt.config
+    vh = (cfg.vocab_size, cfg.hidden_size)
+
+    def read(what: str, shape: tuple[int, ...]) -> torch.Tensor:
+        name = global_name(ckpt.layout, what)
+        return _expect(ckpt.read(name), shape, name)
+
+    return GlobalWeights(
+        embedding=read("embedding", vh).to(dtype),
+        final_norm=read("final_norm", (cfg.hidden_size,)).float(),
+        unembedding=read("unembedding", vh).to(dtype),
+    )
+
+
+def load_attention(ckpt: Checkpoint, dtype: torch.dtype, layers: range | None = None) -> list[AttentionWeights]:
+    cfg = ckpt.config
+    h, qkv = cfg.hidden_size, cfg.q_dim + 2 * cfg.kv_dim
+    out = []
+    for i in _layer_range(cfg, layers):
+        names = layer_names(ckpt.layout, i)
+
+        def read(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+            return _expect(_read_concat(ckpt, names[key]), shape, names[key][0])
+
+        out.append(AttentionWeights(
+            attn_norm=read("attn_norm", (h,)).float(),
+            qkv_w=read("qkv_w", (qkv, h)).to(dtype),
+            qkv_b=read("qkv_b", (qkv,)).to(dtype),
+            sinks=read("sinks", (cfg.num_attention_heads,)).float(),
+            out_w=read("out_w", (h, cfg.q_dim)).to(dtype),
+            out_b=read("out_b", (h,)).to(dtype),
+            mlp_norm=read("mlp_norm", (h,)).float(),
+        ))
+    return out
+
+
+def load_routers(ckpt: Checkpoint, dtype: torch.dtype, layers: range | None = None) -> list[RouterWeights]:
+    cfg = ckpt.config
+    out = []
+    for i in _layer_range(cfg, layers):
+        names = layer_names(ckpt.layout, i)
+        w = _expect(_read_concat(ckpt, names["router_w"]), (cfg.num_experts, cfg.hidden_size), names["router_w"][0])
+        b = _expect(_read_concat(ckpt, names["router_b"]), (cfg.num_experts,), names["router_b"][0])
+        out.append(RouterWeights(weight=w.to(dtype), bias=b.to(dtype)))
+    return out
+
+
+def _load_stack(ckpt: Checkpoint, layer: int, matrix: str, rows: tuple[int, int], out_dim: int, in_dim: int,
+                dtype: torch.dtype, keep_mxfp4: bool) -> tuple[ExpertStack, torch.Tensor]:
+    names = expert_names(ckpt.layout, layer, matrix)
+    n = rows[1] - rows[0]
+    bias = _expect(ckpt.read(names.bias, rows), (n, out_dim), names.bias).to(dtype)
+    if ckpt.has(names.blocks):
+        if in_dim % mxfp4.BLOCK:
+            raise CheckpointError(f"{names.blocks}: input dimension {in_dim} is not a multiple of {mxfp4.BLOCK}")
+        groups = in_dim // mxfp4.BLOCK
+        blocks = _expect(ckpt.read(names.blocks, rows), (n, out_dim, groups, mxfp4.BYTES_PER_BLOCK), names.blocks)
+        scales = _expect(ckpt.read(names.scales, rows), (n, out_dim, groups), names.scales)
+        if keep_mxfp4:
+            return Mxfp4Stack(blocks, scales), bias
+        return DenseStack(mxfp4.dequantize(blocks, scales, dtype)), bias
+    if ckpt.has(names.dense):
+        weight = ckpt.read(names.dense, rows)
+        if names.dense_is_in_out:  # transformers' float experts are [E, in, out] for x @ W
+            weight = _expect(weight, (n, in_dim, out_dim), names.dense).transpose(1, 2)
+        weight = _expect(weight, (n, out_dim, in_dim), names.dense)
+        # A float checkpoint stays float even when MXFP4 was asked for: requantizing would change
+        # the numbers the checkpoint defines.
+        return DenseStack(weight.to(dtype).contiguous()), bias
+    raise CheckpointError(f"layer {layer} has neither {names.blocks} nor {names.dense}")
+
+
+def load_experts(ckpt: Checkpoint, dtype: torch.dtype, experts: tuple[int, int] | None = None,
+                 layers: range | None = None, keep_mxfp4: bool = False) -> list[ExpertWeights]:
+    """Experts [a, b) of each layer in `layers`, reading only their rows of the expert tensors."""
+    cfg = ckpt.config
+    a, b = experts if experts is not None else (0, cfg.num_experts)
+    if not 0 <= a < b <= cfg.num_experts:
+        raise CheckpointError(f"experts [{a}, {b}) outside [0, {cfg.num_experts})")
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    out = []
+    for i in _layer_range(cfg, layers):
+        gate_up, gate_up_bias = _load_stack(ckpt, i, "gate_up", (a, b), 2 * inter, h, dtype, keep_mxfp4)
+        down, down_bias = _load_stack(ckpt, i, "down", (a, b), h, inter, dtype, keep_mxfp4)
+        out.append(ExpertWeights(first=a, gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias))
+        log.info("loaded experts [%d, %d) of layer %d/%d (%.1f MB read so far)",
+                 a, b, i + 1, cfg.num_hidden_layers, ckpt.bytes_read / 1e6)
+    return out
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, keep_mxfp4: bool = False) -> ModelWeights:
+    """Every weight of the model, for the single-process engine."""
+    return ModelWeights(
+        config=ckpt.config,
+        globals=load_globals(ckpt, dtype),
+        attention=load_attention(ckpt, dtype),
+        routers=load_routers(ckpt, dtype),
+        experts=load_experts(ckpt, dtype, keep_mxfp4=keep_mxfp4),
+    )
+
+
+def empty_model(cfg: GptOssConfig, device: str = "meta", dtype: torch.dtype = torch.bfloat16) -> ModelWeights:
+    """A ModelWeights of the right shapes without data (on the meta device): counts parameters of
+    the full-size models without allocating them."""
+    def t(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device=device, dtype=dtype)
+
+    h, e, inter, v = cfg.hidden_size, cfg.num_experts, cfg.intermediate_size, cfg.vocab_size
+    qkv = cfg.q_dim + 2 * cfg.kv_dim
+    layers = range(cfg.num_hidden_layers)
+    return ModelWeights(
+        config=cfg,
+        globals=GlobalWeights(embedding=t(v, h), final_norm=t(h), unembedding=t(v, h)),
+        attention=[AttentionWeights(t(h), t(qkv, h), t(qkv), t(cfg.num_attention_heads), t(h, cfg.q_dim), t(h), t(h))
+                   for _ in layers],
+        routers=[RouterWeights(t(e, h), t(e)) for _ in layers],
+        experts=[ExpertWeights(0, DenseStack(t(e, 2 * inter, h)), t(e, 2 * inter), DenseStack(t(e, h, inter)), t(e, h))
+                 for _ in layers],
+    )

@@ -1,0 +1,49 @@
+"""Shared test setup.
+
+- The tokenizer vocabulary comes from ../shared/tokenizer when it is there (machines here have no
+  network). Tests that need it use the `vocab` fixture: it skips when the folder is absent, and
+  fails instead under CI=true (CI always has it).
+- Random checkpoints are written once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from model_shards.random_checkpoint import make_tiny
+from model_shards.tokenizer import use_vocab_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+VOCAB_DIR = SHARED / "tokenizer"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (VOCAB_DIR / "o200k_base.tiktoken").exists():
+        # Environment variables, so that `gptoss` subprocesses started by tests find it too.
+        use_vocab_dir(VOCAB_DIR, cache_dir=tempfile.mkdtemp(prefix="gptoss-tiktoken-"))
+
+
+def need_shared(path: Path, what: str) -> Path:
+    if path.exists():
+        return path
+    message = f"{what} needs {path.name} from ../shared, which is absent"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: it must be there)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def vocab() -> Path:
+    return need_shared(VOCAB_DIR / "o200k_base.tiktoken", "this test").parent
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset, HF layout, MXFP4 experts (what `gptoss make-tiny` writes by default)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-hf"), "tiny", "hf", True, seed=0)

@@ -1,0 +1,101 @@
+"""The `gptoss` command line: the generate --json contract, errors, make-tiny, bench."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.cli import main
+
+PROMPT = "101,2002,30003,4004,505"
+
+
+def gptoss(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("gptoss") or str(Path(sys.executable).parent / "gptoss")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_console_script_generate_json_contract(tiny_hf: Path, vocab: Path) -> None:
+    run = gptoss("generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "6",
+                 "--temperature", "0", "--json")
+    assert run.returncode == 0, run.stderr
+    out = last_json(run.stdout)
+    assert len(out["token_ids"]) == len(out["logprobs"]) == 6
+    assert all(isinstance(t, int) for t in out["token_ids"]) and all(lp <= 0 for lp in out["logprobs"])
+    assert isinstance(out["text"], str) and out["finish_reason"] == "length"
+    assert out["prompt_token_ids"] == [int(x) for x in PROMPT.split(",")]
+    # the same through main() in-process (what the other tests use)
+    again = gptoss("generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "6",
+                   "--temperature", "0", "--json")
+    assert last_json(again.stdout)["token_ids"] == out["token_ids"]
+
+
+def test_text_and_chat_prompts(tiny_hf: Path, vocab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "Hello there", "--max-tokens", "4", "--json",
+                 "--seed", "1"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert out["prompt_token_ids"][:1] and len(out["token_ids"]) <= 4
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "What is 2 + 2?", "--chat", "--system",
+                 "Be brief.", "--reasoning-effort", "low", "--max-tokens", "4", "--json", "--seed", "1"]) == 0
+    chat = last_json(capsys.readouterr().out)
+    assert {"reasoning", "content", "tool_calls"} <= set(chat)
+    assert chat["prompt_token_ids"][-2:] == [200006, 173781]  # ends with <|start|>assistant
+
+
+def test_seeded_sampling_is_reproducible_from_the_cli(tiny_hf: Path, vocab: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    runs = []
+    for _ in range(2):
+        assert main(["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "8",
+                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "123", "--json"]) == 0
+        runs.append(last_json(capsys.readouterr().out)["token_ids"])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1,201088"], "outside the vocabulary"),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature"),
+    (["--prompt-ids", "1,2", "--max-tokens", "0"], "max_tokens"),
+])
+def test_bad_requests_give_a_json_error(tiny_hf: Path, vocab: Path, capsys: pytest.CaptureFixture[str],
+                                        args: list[str], message: str) -> None:
+    assert main(["generate", "--model", str(tiny_hf), *args, "--json"]) == 2
+    captured = capsys.readouterr()
+    error = last_json(captured.out)["error"]
+    assert message in error["message"]
+    assert "Traceback" not in captured.err
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    run = gptoss("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1", "--json")
+    assert run.returncode == 2
+    assert "neither an existing directory nor" in last_json(run.stdout)["error"]["message"]
+    assert "Traceback" not in run.stderr
+
+
+def test_make_tiny_then_generate(tmp_path: Path, vocab: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-tiny", str(tmp_path / "m"), "--layout", "original", "--no-mxfp4", "--seed", "4"]) == 0
+    assert (tmp_path / "m" / "original" / "config.json").exists()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", PROMPT, "--max-tokens", "3",
+                 "--temperature", "0", "--json"]) == 0
+    assert len(last_json(capsys.readouterr().out.splitlines()[-1])["token_ids"]) == 3
+
+
+def test_bench_prints_a_table_and_one_json_line(tiny_hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", str(tiny_hf), "--batch-sizes", "1,4", "--steps", "2", "--input-len", "8",
+                 "--memory-bandwidth-gbs", "100"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["engine", "batch"]
+    report = json.loads(lines[-1])
+    assert [r["batch_size"] for r in report["results"]] == [1, 4]
+    assert all(r["tokens_per_s"] > 0 and r["step_ms_p50"] > 0 for r in report["results"])
+    assert report["roofline_batch1_tokens_per_s"] > 0 and report["machine"]["cpus"] >= 1

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import torch
+
+from model_shards.config import preset
+from model_shards.moe import combine, moe_block, route, run_experts, swiglu
+from model_shards.random_checkpoint import random_weights
+from model_shards.weights import DenseStack, ExpertWeights, RouterWeights
+
+
+def test_swiglu_clamps_and_interleave() -> None:
+    # columns: gate0, up0, gate1, up1, ...
+    h = torch.tensor([[-20.0, 20.0, 20.0, -20.0, 1.0, 0.5]])
+    out = swiglu(h, limit=7.0, alpha=1.702)[0]
+    sig = torch.sigmoid
+    assert torch.allclose(out[0], -20 * sig(torch.tensor(-20 * 1.702)) * 8)  # gate -20 NOT clamped; up 20 -> 7
+    assert torch.allclose(out[1], 7 * sig(torch.tensor(7 * 1.702)) * -6)  # gate 20 -> 7; up -20 -> -7
+    assert torch.allclose(out[2], 1 * sig(torch.tensor(1.702)) * 1.5)
+
+
+def test_top4_before_softmax() -> None:
+    w = RouterWeights(weight=torch.eye(6), bias=torch.zeros(6))
+    t = torch.tensor([[0.0, 5.0, 1.0, 4.0, 3.0, 2.0]])
+    experts, gates = route(t, w, 4)
+    assert experts[0].tolist() == [1, 3, 4, 5]
+    assert torch.allclose(gates[0], torch.softmax(torch.tensor([5.0, 4.0, 3.0, 2.0]), 0))
+    assert torch.allclose(gates.sum(-1), torch.ones(1))
+
+
+def _slice(w: ExpertWeights, a: int, b: int) -> ExpertWeights:
+    return ExpertWeights(a, DenseStack(w.gate_up.weight[a - w.first:b - w.first]), w.gate_up_bias[a - w.first:b - w.first],
+                         DenseStack(w.down.weight[a - w.first:b - w.first]), w.down_bias[a - w.first:b - w.first])
+
+
+def test_experts_split_over_ranges_give_the_same_sum() -> None:
+    cfg = preset("tiny")
+    weights = random_weights(cfg, seed=1)
+    router, experts = weights.routers[0], weights.experts[0]
+    t = torch.randn(9, cfg.hidden_size)
+    whole = moe_block(t, router, experts, cfg)
+    ids, gates = route(t, router, cfg.experts_per_token)
+    flat_ids, flat_gates = ids.flatten(), gates.flatten()
+    token_index = torch.arange(9).repeat_interleave(cfg.experts_per_token)
+    weighted = torch.zeros(flat_ids.shape[0], cfg.hidden_size)
+    for a, b in ((0, 3), (3, 11), (11, 16)):  # uneven shards
+        mine = (flat_ids >= a) & (flat_ids < b)
+        weighted[mine] = run_experts(t, token_index[mine], flat_ids[mine], flat_gates[mine], _slice(experts, a, b), cfg)
+    assert torch.equal(combine(weighted, cfg.experts_per_token, t.dtype), whole)
+
+
+def test_assignments_outside_the_range_are_refused() -> None:
+    cfg = preset("tiny")
+    experts = _slice(random_weights(cfg, seed=1).experts[0], 4, 8)
+    x = torch.randn(1, cfg.hidden_size)
+    try:
+        run_experts(x, torch.tensor([0]), torch.tensor([9]), torch.tensor([1.0]), experts, cfg)
+    except ValueError as exc:
+        assert "outside experts [4, 8)" in str(exc)
+    else:
+        raise AssertionError("expected a ValueError")

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_shards.sampling import SamplingParams, sample, top_p_filter
+
+
+def test_greedy_and_unmodified_logprobs() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=0.0)] * 2
+    tokens, logprobs = sample(logits, params, [0, 0], [0, 0])
+    assert tokens == [1, 0]
+    assert logprobs == pytest.approx(torch.log_softmax(logits, -1)[[0, 1], [1, 0]].tolist())
+
+
+def test_logprobs_ignore_temperature() -> None:
+    logits = torch.tensor([[0.0, 1.0]])
+    tokens, logprobs = sample(logits, [SamplingParams(temperature=5.0)], [1], [0])
+    assert logprobs[0] == pytest.approx(torch.log_softmax(logits, -1)[0, tokens[0]].item())
+
+
+def test_top_p_keeps_the_smallest_set() -> None:
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    assert top_p_filter(probs, 0.6).tolist() == pytest.approx([0, 0.625, 0.375, 0])
+    assert top_p_filter(probs, 0.01).tolist() == pytest.approx([0, 1, 0, 0])
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.2, 0.8]]))
+    draws = [sample(logits, [SamplingParams(temperature=1.0)], [3], [step])[0][0] for step in range(2000)]
+    assert 0.75 < sum(draws) / len(draws) < 0.85
+    low_t = [sample(logits, [SamplingParams(temperature=0.2)], [3], [step])[0][0] for step in range(300)]
+    assert sum(low_t) / len(low_t) > 0.97
+
+
+def test_draw_depends_only_on_seed_and_step() -> None:
+    logits = torch.randn(1, 1000)
+    p = [SamplingParams(temperature=1.0)]
+    assert sample(logits, p, [42], [7]) == sample(logits, p, [42], [7])
+    assert len({sample(logits, p, [42], [s])[0][0] for s in range(20)}) > 5
+
+
+@pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_bad_parameters(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
