@@ -1,91 +1,32 @@
-"""`gptoss bench`: decode step time and tokens/s per batch size.
-
-B sequences of `input_len` random prompt tokens are prefilled together, then `steps` decode steps
-are timed one by one (forward pass plus sampling: what a served token costs). The table is for
-people; the last line is one JSON object for comparing runs.
-"""
+"""Formatting of `gptoss bench`: a table for people, then one JSON line for comparing runs."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from model_shards.batch import SeqChunk, plan_step
+from cluster.benchmark import DecodeRow
+from cluster.hop import HopRow
 from model_shards.config import GptOssConfig
-from model_shards.model import GptOssModel
-from model_shards.sampling import SamplingParams, sample
-from model_shards.weights import Mxfp4Stack
+from model_shards.mxfp4 import BLOCK
 
 
-@dataclass
-class DecodeRow:
-    engine: str
-    batch_size: int
-    prefill_ms: float  # one step prefilling all B prompts
-    step_ms_p50: float
-    step_ms_p90: float
-    tokens_per_s: float  # B / median step time
-
-
-def bench_local(model: GptOssModel, batch_sizes: list[int], input_len: int, steps: int, warmup: int = 2,
-                seed: int = 0) -> list[DecodeRow]:
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    greedy = SamplingParams(max_tokens=steps + warmup, temperature=0.0)
-    rows = []
-    for b in batch_sizes:
-        total = input_len + warmup + steps
-        kv = model.new_cache(num_blocks=b * -(-total // 16), max_seqs=b)
-        for i in range(b):
-            kv.reserve(i, total)
-        prompts = torch.randint(0, cfg.vocab_size, (b * input_len,), generator=gen, device=model.device)
-        start = time.perf_counter()
-        logits = model.forward(prompts, plan_step([SeqChunk(i, 0, input_len) for i in range(b)], model.device), kv)
-        prefill = time.perf_counter() - start
-        tokens, _ = sample(logits, [greedy] * b, [0] * b, [0] * b)
-        times = []
-        for step in range(warmup + steps):
-            start = time.perf_counter()
-            layout = plan_step([SeqChunk(i, input_len + step, 1) for i in range(b)], model.device)
-            logits = model.forward(torch.tensor(tokens, device=model.device), layout, kv)
-            tokens, _ = sample(logits, [greedy] * b, [0] * b, [step + 1] * b)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
-        p50 = statistics.median(times)
-        p90 = sorted(times)[min(len(times) - 1, int(0.9 * len(times)))]
-        rows.append(DecodeRow("local", b, prefill * 1e3, p50 * 1e3, p90 * 1e3, b / p50))
-    return rows
-
-
-def active_bytes_per_token(model: GptOssModel) -> int:
-    """Weight bytes one decode token must read at batch 1: attention and router of every layer,
-    its K experts per layer, one embedding row and the unembedding. Divided into the memory
+def active_bytes_per_token(cfg: GptOssConfig, dtype_bytes: int, mxfp4_experts: bool) -> int:
+    """Weight bytes one decode token reads at batch 1: attention and router of every layer, its K
+    experts per layer, one embedding row and the whole unembedding. Divided into the memory
     bandwidth this gives the batch-1 roofline."""
-    cfg: GptOssConfig = model.config
-    w = model.weights
-    size = w.globals.embedding.element_size()
-    per_layer_dense = sum(t.numel() * t.element_size() for t in vars(w.attention[0]).values())
-    per_layer_dense += sum(t.numel() * t.element_size() for t in vars(w.routers[0]).values())
-    experts = w.experts[0]
-
-    def stack_bytes(stack: Any) -> int:
-        if isinstance(stack, Mxfp4Stack):
-            return stack.blocks[0].numel() + stack.scales[0].numel()
-        return stack.weight[0].numel() * stack.weight.element_size()
-
-    per_expert = stack_bytes(experts.gate_up) + stack_bytes(experts.down) \
-        + (experts.gate_up_bias[0].numel() + experts.down_bias[0].numel()) * experts.down_bias.element_size()
-    per_layer = per_layer_dense + cfg.experts_per_token * per_expert
-    return cfg.num_hidden_layers * per_layer + cfg.hidden_size * size + w.globals.unembedding.numel() * size
+    h, inter, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim + 2 * cfg.kv_dim
+    attention = (qkv * h + qkv + h * cfg.q_dim + h) * dtype_bytes + (2 * h + cfg.num_attention_heads) * 4
+    router = (cfg.num_experts * h + cfg.num_experts) * dtype_bytes
+    weights = 2 * inter * h + h * inter
+    expert = (weights // 2 + weights // BLOCK if mxfp4_experts else weights * dtype_bytes) + (2 * inter + h) * dtype_bytes
+    per_layer = attention + router + cfg.experts_per_token * expert
+    return cfg.num_hidden_layers * per_layer + (cfg.vocab_size + 1) * h * dtype_bytes
 
 
 def machine() -> dict[str, Any]:
@@ -96,11 +37,25 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def report(rows: list[DecodeRow], extra: dict[str, Any]) -> str:
-    header = f"{'engine':<8} {'batch':>5} {'prefill ms':>11} {'step ms p50':>12} {'step ms p90':>12} {'tokens/s':>10}"
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def report(rows: list[DecodeRow], hops: list[HopRow], extra: dict[str, Any]) -> str:
+    header = (f"{'engine':<8} {'batch':>5} {'prefill ms':>11} {'step ms p50':>12} {'step ms p90':>12} "
+              f"{'tokens/s':>9} {'moe wait us/layer':>18} {'data plane us/layer':>20}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.engine:<8} {r.batch_size:>5} {r.prefill_ms:>11.1f} {r.step_ms_p50:>12.2f} "
-                     f"{r.step_ms_p90:>12.2f} {r.tokens_per_s:>10.1f}")
-    lines.append(json.dumps({**extra, "machine": machine(), "results": [asdict(r) for r in rows]}))
+                     f"{r.step_ms_p90:>12.2f} {r.tokens_per_s:>9.1f} {_us(r.moe_wait_us_per_layer):>18} "
+                     f"{_us(r.data_plane_us_per_layer):>20}")
+    if hops:
+        lines += ["", f"{'hop rows':>8} {'bytes':>10} {'raw one-way us':>15} {'framed one-way us':>18}"]
+        lines += [f"{h.rows:>8} {h.payload_bytes:>10} {h.raw_us:>15.1f} {h.framed_us:>18.1f}" for h in hops]
+    overhead = extra.get("cluster_overhead")
+    if overhead:
+        lines += ["", f"{'batch':>5} {'cluster - local ms/step':>24} {'per layer us':>13}"]
+        lines += [f"{o['batch_size']:>5} {o['step_ms']:>24.2f} {o['per_layer_us']:>13.0f}" for o in overhead]
+    record = {**extra, "machine": machine(), "results": [asdict(r) for r in rows], "hops": [asdict(h) for h in hops]}
+    lines.append(json.dumps(record))
     return "\n".join(lines)

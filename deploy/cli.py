@@ -1,7 +1,7 @@
 """The `gptoss` command line.
 
-    gptoss generate --model PATH_OR_ID (--prompt TEXT | --prompt-ids 1,2,3) [--json] ...
-    gptoss bench --model PATH --engine local --batch-sizes 1,16,64
+    gptoss generate --model PATH_OR_ID (--prompt TEXT | --prompt-ids 1,2,3) [--engine local|cluster] [--json]
+    gptoss bench --model PATH --engine local,cluster --batch-sizes 1,16,64
     gptoss make-tiny OUT [--preset tiny|small] [--layout hf|original] [--mxfp4/--no-mxfp4] [--seed N]
     gptoss serve ...
 
@@ -15,26 +15,25 @@ import argparse
 import json
 import logging
 import sys
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
-from model_shards.chat import ChatFormatError, parse_completion, render_chat
+from cluster.engine import EngineOverloaded, EngineUnavailable
+from cluster.executor import ExecutorFailure
+from deploy import commands
+from model_shards.chat import ChatFormatError
 from model_shards.checkpoint import CheckpointError
 from model_shards.config import PRESETS, ConfigError
-from model_shards.generate import InvalidRequest, Request, generate
 from model_shards.layout import LAYOUTS
-from model_shards.loader import DTYPES, load_local_model, parse_dtype
+from model_shards.loader import DTYPES
 from model_shards.random_checkpoint import make_tiny
-from model_shards.sampling import SamplingParams
-from model_shards.tokenizer import CHAT_STOP_TOKENS, TEXT_STOP_TOKENS, TokenizerUnavailable, decode, encode, use_vocab_dir
+from model_shards.requests import InvalidRequest
+from model_shards.tokenizer import TokenizerUnavailable, use_vocab_dir
 
-# Errors that are the user's to fix: reported in one line (and as JSON with --json), never a traceback.
+# Errors that are the user's to fix, or that say the cluster could not serve: reported in one line
+# (and as JSON with --json), never as a traceback.
 USER_ERRORS = (InvalidRequest, CheckpointError, ConfigError, ChatFormatError, TokenizerUnavailable,
-               FileNotFoundError, ValueError)
-
-
-class UsageError(ValueError):
-    """A command-line argument that parsed but does not make sense."""
+               commands.UsageError, FileNotFoundError, ValueError, EngineOverloaded, EngineUnavailable,
+               ExecutorFailure)
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,13 +43,30 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="checkpoint directory or Hugging Face id (openai/gpt-oss-20b)")
+def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True, engine_default: str = "local") -> None:
+    p.add_argument("--model", required=model_required,
+                   help="checkpoint directory or Hugging Face id (openai/gpt-oss-20b)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--engine", choices=["local"], default="local")
+    p.add_argument("--engine", default=engine_default, help="local (this process) or cluster (Ray actors)")
     p.add_argument("--expert-weights", choices=["dequantize", "mxfp4"], default="dequantize",
                    help="dequantize MXFP4 experts at load (fast) or keep them packed and decode on use (4x less memory)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--device", default="cpu", help="torch device of the local engine, e.g. cuda")
+    p.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV positions per attention replica")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="running sequences per attention replica")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill is chunked)")
+    p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's)")
+    c = p.add_argument_group("cluster engine")
+    c.add_argument("--attention-replicas", type=int, default=1)
+    c.add_argument("--expert-shards", type=int, default=1)
+    c.add_argument("--expert-split", type=_int_list, help="explicit shard boundaries, e.g. 10,20 for 3 shards")
+    c.add_argument("--gpus-per-attention-replica", type=float, default=0.0)
+    c.add_argument("--gpus-per-expert-shard", type=float, default=0.0)
+    c.add_argument("--gpus-per-router", type=float, default=0.0)
+    c.add_argument("--cpus-per-actor", type=float, default=1.0)
+    c.add_argument("--transport", choices=["auto", "shm", "tcp"], default="auto",
+                   help="data plane: shared memory on one node, TCP between nodes (auto picks per pair)")
+    c.add_argument("--step-timeout", type=float, default=60.0, help="seconds before a step counts as hung")
+    c.add_argument("--ray-address", help="an existing Ray cluster (default: start one in this process)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate tokens for one prompt")
-    _add_model_args(g)
+    _add_engine_args(g)
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (raw, or a user message with --chat)")
     source.add_argument("--prompt-ids", type=_int_list, help="prompt token ids, comma-separated")
@@ -75,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="end with one JSON line")
 
     b = sub.add_parser("bench", help="decode step time and tokens/s per batch size")
-    _add_model_args(b)
+    _add_engine_args(b, engine_default="local")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64])
     b.add_argument("--input-len", type=int, default=32)
     b.add_argument("--steps", type=int, default=16)
@@ -90,55 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _add_model_args(s, required=False)
+    _add_engine_args(s, model_required=False)
     return parser
-
-
-def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    if args.chat and args.prompt is None:
-        raise UsageError("--chat needs --prompt")
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) \
-            + [{"role": "user", "content": args.prompt}]
-        prompt_ids = render_chat(messages, reasoning_effort=args.reasoning_effort)
-    else:
-        prompt_ids = args.prompt_ids if args.prompt_ids is not None else encode(args.prompt)
-    stops = () if args.ignore_eos else (CHAT_STOP_TOKENS if args.chat else TEXT_STOP_TOKENS)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, stop_token_ids=stops)
-    start = time.perf_counter()
-    model = load_local_model(args.model, parse_dtype(args.dtype), args.expert_weights == "mxfp4", args.device)
-    loaded = time.perf_counter()
-    done = generate(model, [Request(prompt_ids, params)])[0]
-    finished = time.perf_counter()
-    visible = done.token_ids[:-1] if done.finish_reason == "stop" else done.token_ids
-    result: dict[str, Any] = {
-        "model": args.model, "engine": args.engine, "dtype": args.dtype,
-        "prompt_token_ids": prompt_ids, "token_ids": done.token_ids, "logprobs": done.logprobs,
-        "text": decode(visible), "finish_reason": done.finish_reason,
-        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(done.token_ids)},
-        "timing": {"load_s": round(loaded - start, 3), "generate_s": round(finished - loaded, 3)},
-    }
-    if args.chat:
-        parsed = parse_completion(done.token_ids)
-        result.update(reasoning=parsed.reasoning, content=parsed.content,
-                      tool_calls=[vars(c) for c in parsed.tool_calls])
-    return result
-
-
-def cmd_bench(args: argparse.Namespace) -> str:
-    from deploy.bench import active_bytes_per_token, bench_local, report
-
-    if any(b < 1 for b in args.batch_sizes) or args.steps < 1 or args.input_len < 1:
-        raise UsageError("batch sizes, --steps and --input-len must be positive")
-    model = load_local_model(args.model, parse_dtype(args.dtype), args.expert_weights == "mxfp4", args.device)
-    rows = bench_local(model, args.batch_sizes, args.input_len, args.steps)
-    extra: dict[str, Any] = {"bench": "decode", "model": args.model, "dtype": args.dtype,
-                             "expert_weights": args.expert_weights, "input_len": args.input_len,
-                             "steps": args.steps, "active_bytes_per_token": active_bytes_per_token(model)}
-    if args.memory_bandwidth_gbs:
-        extra["roofline_batch1_tokens_per_s"] = args.memory_bandwidth_gbs * 1e9 / extra["active_bytes_per_token"]
-    return report(rows, extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.vocab_dir:
             use_vocab_dir(args.vocab_dir)
         if args.command == "generate":
-            result = cmd_generate(args)
+            result = commands.generate(args)
             print(json.dumps(result) if args.json else result["text"])
         elif args.command == "bench":
-            print(cmd_bench(args))
+            print(commands.bench(args))
         elif args.command == "make-tiny":
             path = make_tiny(args.out, args.preset, args.layout, args.mxfp4, args.seed)
             print(f"wrote a random {args.preset} checkpoint ({args.layout} layout) to {path}")

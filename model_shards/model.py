@@ -7,6 +7,8 @@ its own positions (prefill chunks and decode tokens mixed).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,14 @@ def unembed(hidden: torch.Tensor, w: GlobalWeights, eps: float) -> torch.Tensor:
     return F.linear(rms_norm(hidden, w.final_norm, eps), w.unembedding).to(torch.float32)
 
 
+# (layer, t [T, H] normed hidden states) -> MoE output [T, H]. The local model computes it in
+# process; an attention replica sends t to the router and waits for the answer.
+MoeFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 class GptOssModel:
+    """`weights.routers` and `weights.experts` may be empty when the MoE runs elsewhere."""
+
     def __init__(self, weights: ModelWeights) -> None:
         self.weights = weights
         self.config = weights.config
@@ -40,15 +49,20 @@ class GptOssModel:
     def new_cache(self, num_blocks: int, max_seqs: int, block_size: int = 16) -> KVCache:
         return KVCache(self.config, num_blocks, max_seqs, block_size, self.dtype, self.device)
 
+    def local_moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
+        return moe_block(t, self.weights.routers[layer], self.weights.experts[layer], self.config)
+
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
+                moe: MoeFn | None = None) -> torch.Tensor:
         """token_ids [T] -> logits [S, V] fp32 for the last token of each chunk."""
         cfg, w = self.config, self.weights
+        moe = moe or self.local_moe
         cos, sin = self.rope.cos_sin(layout.positions, self.dtype)  # [T, d/2]
         kv_view = kv.view(layout)
         x = embed(token_ids, w.globals)  # [T, H]
         for layer in range(cfg.num_hidden_layers):
             attn = w.attention[layer]
             x = attention_block(x, attn, cfg, layer, cos, sin, layout, kv, kv_view)
-            x = x + moe_block(rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps), w.routers[layer], w.experts[layer], cfg)
+            x = x + moe(layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
         return unembed(x[layout.last_token], w.globals, cfg.rms_norm_eps)

@@ -47,3 +47,13 @@ def vocab() -> Path:
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset, HF layout, MXFP4 experts (what `gptoss make-tiny` writes by default)."""
     return make_tiny(tmp_path_factory.mktemp("tiny-hf"), "tiny", "hf", True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray for the whole session (starting one costs seconds); clusters come and go inside it."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        # More logical CPUs than cores: actors mostly wait on each other.
+        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    yield ray

@@ -99,3 +99,40 @@ def test_bench_prints_a_table_and_one_json_line(tiny_hf: Path, capsys: pytest.Ca
     assert [r["batch_size"] for r in report["results"]] == [1, 4]
     assert all(r["tokens_per_s"] > 0 and r["step_ms_p50"] > 0 for r in report["results"])
     assert report["roofline_batch1_tokens_per_s"] > 0 and report["machine"]["cpus"] >= 1
+
+
+def test_generate_on_the_cluster_engine(ray_session, tiny_hf: Path, vocab: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "6", "--temperature", "0",
+              "--dtype", "float32", "--json"]
+    assert main(common) == 0
+    local = last_json(capsys.readouterr().out)
+    assert main(common + ["--engine", "cluster", "--attention-replicas", "2", "--expert-shards", "3"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert out["token_ids"] == local["token_ids"]
+    assert max(abs(a - b) for a, b in zip(out["logprobs"], local["logprobs"])) < 1e-4
+    topology = out["topology"]
+    assert sorted(a["role"] for a in topology) == ["attention_replica"] * 2 + ["expert_shard"] * 3 + ["router"]
+    assert len({a["pid"] for a in topology}) == 6
+    assert sorted(a["experts"] for a in topology if a["role"] == "expert_shard") == [[0, 5], [5, 10], [10, 16]]
+
+
+def test_bench_local_and_cluster_in_one_run(ray_session, tiny_hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", str(tiny_hf), "--engine", "local,cluster", "--expert-shards", "2",
+                 "--batch-sizes", "1,4", "--steps", "3", "--input-len", "8", "--dtype", "float32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["engine"], r["batch_size"]) for r in report["results"]] == \
+        [("local", 1), ("local", 4), ("cluster", 1), ("cluster", 4)]
+    cluster_rows = [r for r in report["results"] if r["engine"] == "cluster"]
+    assert all(r["moe_wait_us_per_layer"] > 0 and r["data_plane_us_per_layer"] is not None for r in cluster_rows)
+    assert [h["rows"] for h in report["hops"]] == [1, 4]
+    assert all(0 < h["raw_us"] and 0 < h["framed_us"] for h in report["hops"])
+    assert [o["batch_size"] for o in report["cluster_overhead"]] == [1, 4]
+
+
+def test_bad_cluster_arguments_are_clear_errors(tiny_hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--engine", "cluster",
+                 "--expert-shards", "17", "--json"]) == 2
+    assert "between 1 and the number of experts" in last_json(capsys.readouterr().out)["error"]["message"]
+    assert main(["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--engine", "nope", "--json"]) == 2
+    assert "engine must be one of" in last_json(capsys.readouterr().out)["error"]["message"]

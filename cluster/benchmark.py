@@ -1,0 +1,93 @@
+"""Decode benchmark over any executor: B sequences of `input_len` random tokens are prefilled in one
+step, then `steps` decode steps are timed one by one (what a served token costs: the forward pass,
+sampling, and for the cluster every message of the step). The same code drives the local and the
+cluster executor, so their step times compare directly."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cluster.executor import Executor
+from cluster.messages import ChunkPlan, ReplicaStep
+from model_shards.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0)
+
+
+@dataclass
+class DecodeRow:
+    engine: str
+    batch_size: int
+    prefill_ms: float  # the one step that prefills all B prompts
+    step_ms_p50: float
+    step_ms_p90: float
+    tokens_per_s: float  # B / median step
+    moe_wait_us_per_layer: float | None = None  # cluster: a replica's wait for the MoE result, per layer
+    data_plane_us_per_layer: float | None = None  # that wait minus router work and the slowest shard
+
+
+def _chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
+                 reserve: int) -> dict[int, ReplicaStep]:
+    """Every sequence runs `tokens[seq]` at position `start` and samples the next token."""
+    by_replica: dict[int, list[ChunkPlan]] = {}
+    for seq, replica in seqs:
+        by_replica.setdefault(replica, []).append(ChunkPlan(seq, start, tokens[seq], reserve, True, GREEDY, 0, 0))
+    return {r: ReplicaStep(step_id, [], chunks) for r, chunks in by_replica.items()}
+
+
+def _release_steps(seqs: list[tuple[int, int]], step_id: int) -> dict[int, ReplicaStep]:
+    replicas = sorted({r for _, r in seqs})
+    return {r: ReplicaStep(step_id, [s for s, owner in seqs if owner == r], []) for r in replicas}
+
+
+def _router(stats: dict[str, Any]) -> dict[str, float]:
+    return stats.get("router", {}) if isinstance(stats.get("router"), dict) else {}
+
+
+def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: int, steps: int, warmup: int = 2,
+                 seed: int = 0) -> list[DecodeRow]:
+    cfg = ex.config
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    step_id = 1_000_000
+    for b in batch_sizes:
+        seqs = [(1000 * b + i, i % ex.num_replicas) for i in range(b)]  # round-robin over replicas
+        prompts = {s: torch.randint(0, cfg.vocab_size, (input_len,), generator=gen).tolist() for s, _ in seqs}
+        reserve = input_len + warmup + steps + 1
+        start = time.perf_counter()
+        results = ex.execute(_chunk_steps(seqs, prompts, 0, step_id, reserve))
+        prefill = time.perf_counter() - start
+        last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
+        times, waits = [], []
+        before: dict[str, float] = {}
+        for i in range(warmup + steps):
+            if i == warmup:
+                before = _router(ex.stats())
+            step_id += 1
+            start = time.perf_counter()
+            results = ex.execute(_chunk_steps(seqs, last, input_len + i, step_id, 0))
+            elapsed = time.perf_counter() - start
+            last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
+            if i >= warmup:
+                times.append(elapsed)
+                waits.append(min(r.moe_wait_s for r in results.values()))  # the least-skewed replica
+        after = _router(ex.stats())
+        step_id += 1
+        ex.execute(_release_steps(seqs, step_id))
+        p50 = statistics.median(times)
+        row = DecodeRow(label, b, prefill * 1e3, p50 * 1e3, sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, b / p50)
+        layers = steps * cfg.num_hidden_layers
+        if after and sum(waits) > 0:
+            # median wait per step (scheduling hiccups on a busy machine skew a mean), against the
+            # mean compute of the router and of the slowest shard
+            work = after["route_s"] - before["route_s"] + after["shard_max_s"] - before["shard_max_s"]
+            wait = statistics.median(waits) / cfg.num_hidden_layers
+            row.moe_wait_us_per_layer = wait * 1e6
+            row.data_plane_us_per_layer = (wait - work / layers) * 1e6
+        rows.append(row)
+    return rows

@@ -1,0 +1,210 @@
+"""The executor that runs the model on Ray actors.
+
+Ray is the control plane: it places the actors (one placement group), restarts them when they die
+(`max_restarts`; a restarted actor reloads its slice in __init__), and carries the rare setup calls.
+Per step, the engine's own endpoint sends each busy replica its `ReplicaStep` and the router a
+`RouterStep`, then waits for the replicas' `StepResult`s: one round of messages per step, none per
+layer. While waiting it watches every actor's `serve` call, so a death is noticed at once, and a step
+that outlives `step_timeout_s` counts as a hung actor.
+
+Recovery stops every loop, kills what does not answer (a hung process), waits for Ray to bring dead
+actors back, empties the replicas' KV caches and builds a fresh data plane (a new epoch of channels).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import RemoteMember, member_name
+from cluster.channels import remove_rings
+from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec, expert_bounds
+from cluster.executor import Executor, ExecutorFailure
+from cluster.messages import ActorInfo, ReplicaStep, RouterStep, StepResult
+from cluster.placement import bundle, connect_ray, release, reserve
+from cluster.roles import ENGINE, ROUTER, replica_name, shard_name
+from cluster.transport import Endpoint, StreamClosed, StreamTimeout, plan_channels
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 5.0  # an actor that cannot acknowledge `stop` within this is treated as hung
+
+
+class ClusterExecutor(Executor):
+    def __init__(self, source: ModelSource, cluster: ClusterConfig, kv: KVSpec) -> None:
+        self.source, self.cluster, self.kv = source, cluster, kv
+        self.config = source.config()
+        self.num_replicas = cluster.attention_replicas
+        self.bounds = expert_bounds(self.config.num_experts, cluster.expert_shards, cluster.expert_bounds)
+        self._uid = uuid.uuid4().hex[:8]
+        self._epoch = 0
+        self.endpoint: Endpoint | None = None
+        self.restarts = 0
+
+        c = cluster
+        members: list[tuple[str, Any, float]] = [
+            ("attention_replica", ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
+             c.gpus_per_attention_replica) for i in range(c.attention_replicas)]
+        members.append(("router", RouterSpec(source, self.bounds, c.gpus_per_router > 0), c.gpus_per_router))
+        members += [("expert_shard", ShardSpec(source, j, self.bounds[j], c.keep_mxfp4, c.gpus_per_expert_shard > 0),
+                     c.gpus_per_expert_shard) for j in range(len(self.bounds))]
+        connect_ray(c.ray_address, len(members) * c.cpus_per_actor)
+        self.pg = reserve([bundle(c.cpus_per_actor, g) for _, _, g in members], c.placement_strategy,
+                          c.recovery_timeout_s)
+        threads = max(1, int(c.cpus_per_actor))
+        self.names = [member_name(role, spec.index if role != "router" else 0) for role, spec, _ in members]
+        self.actors = {
+            name: RemoteMember.options(
+                num_cpus=c.cpus_per_actor, num_gpus=gpus, max_restarts=c.max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(role, spec, threads)
+            for i, (name, (role, spec, gpus)) in enumerate(zip(self.names, members))
+        }
+        try:
+            self._wait_ready(c.recovery_timeout_s)
+            self._start_plane()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Until every actor answers ping (a restarting actor answers once it has reloaded)."""
+        deadline = time.monotonic() + timeout_s
+        for name, actor in self.actors.items():
+            while True:
+                try:
+                    ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except RayActorError:
+                    if time.monotonic() > deadline:
+                        raise ExecutorFailure(f"{name} did not come back within {timeout_s:.0f}s") from None
+                    time.sleep(0.2)
+                except GetTimeoutError:
+                    raise ExecutorFailure(f"{name} did not come back within {timeout_s:.0f}s") from None
+
+    def _start_plane(self) -> None:
+        self._epoch += 1
+        infos = ray.get([a.info.remote() for a in self.actors.values()])
+        self.infos = dict(zip(self.actors, infos))
+        nodes = {name: info.node for name, info in self.infos.items()}
+        nodes[ENGINE] = ray.get_runtime_context().get_node_id()
+        replicas = [replica_name(i) for i in range(self.num_replicas)]
+        shards = [shard_name(j) for j in range(len(self.bounds))]
+        pairs = [(ENGINE, ROUTER)]
+        for r in replicas:
+            pairs += [(ENGINE, r), (r, ENGINE), (r, ROUTER), (ROUTER, r)]
+        for s in shards:
+            pairs += [(ROUTER, s), (s, ROUTER)]
+        if self.cluster.transport == "shm" and len(set(nodes.values())) > 1:
+            raise ExecutorFailure("transport shm needs every actor on the engine's node; use auto or tcp")
+        spec = plan_channels(f"gptoss-{self._uid}-{self._epoch}-", pairs, nodes, self.cluster.ring_mb << 20,
+                             force_tcp=self.cluster.transport == "tcp")
+        self.endpoint = Endpoint(ENGINE, host=ray.util.get_node_ip_address())
+        addresses = self.endpoint.listen(spec)
+        for part in ray.get([a.listen.remote(spec) for a in self.actors.values()]):
+            addresses.update(part)
+        connecting = [a.connect.remote(spec, addresses) for a in self.actors.values()]
+        self.endpoint.connect(spec, addresses)
+        ray.get(connecting)
+        self.serving = {name: a.serve.remote() for name, a in self.actors.items()}
+        log.info("data plane epoch %d: %d channels (%s)", self._epoch, len(spec.channels),
+                 ", ".join(sorted({c.kind for c in spec.channels})))
+
+    # -- steps -----------------------------------------------------------------------------------
+    def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
+        assert self.endpoint is not None
+        timeout = self.cluster.step_timeout_s
+        deadline = time.monotonic() + timeout
+        try:
+            busy = [r for r, s in sorted(steps.items()) if s.chunks]
+            if busy:
+                self.endpoint.send(ROUTER, RouterStep(steps[busy[0]].step_id, busy), timeout=timeout)
+            for r, step in steps.items():
+                self.endpoint.send(replica_name(r), step, timeout=timeout)
+            pending = {replica_name(r): r for r in steps}
+            results: dict[int, StepResult] = {}
+            while pending:
+                ready = self.endpoint.wait_any(list(pending), timeout=0.05)
+                for name in ready:
+                    results[pending.pop(name)] = self.endpoint.recv(name, timeout=timeout)
+                if not ready:
+                    self._raise_if_down()
+                    if time.monotonic() > deadline:
+                        raise ExecutorFailure(f"step timed out after {timeout:.1f}s waiting for "
+                                              f"{sorted(pending)}: an actor is hung")
+            return results
+        except (StreamClosed, StreamTimeout) as exc:
+            self._raise_if_down()
+            raise ExecutorFailure(f"data plane failed: {exc}") from None
+
+    def _raise_if_down(self) -> None:
+        done, _ = ray.wait(list(self.serving.values()), num_returns=len(self.serving), timeout=0)
+        for name, ref in self.serving.items():
+            if ref in done:
+                try:
+                    reason = f"its loop ended ({ray.get(ref)})"
+                except RayActorError:
+                    reason = "it died"
+                except Exception as exc:  # the loop raised; Ray re-raises it here with its traceback
+                    reason = f"its loop failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                raise ExecutorFailure(f"{name} is down: {reason}")
+
+    # -- recovery --------------------------------------------------------------------------------
+    def recover(self) -> None:
+        started = time.monotonic()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        stops = {name: a.stop.remote() for name, a in self.actors.items()}
+        gone: set[str] = set()  # dead, or killed here: their loops need no waiting for
+        for name, ref in stops.items():
+            try:
+                ray.get(ref, timeout=STOP_TIMEOUT_S)
+            except GetTimeoutError:
+                log.warning("%s does not answer; killing it so that Ray restarts it", name)
+                ray.kill(self.actors[name], no_restart=False)
+                gone.add(name)
+            except RayActorError:
+                gone.add(name)  # dead: Ray is restarting it
+        for name, ref in self.serving.items():
+            if name in gone:
+                continue
+            try:
+                ray.get(ref, timeout=STOP_TIMEOUT_S)
+            except GetTimeoutError:
+                log.warning("%s's loop does not end; killing it", name)
+                ray.kill(self.actors[name], no_restart=False)
+            except Exception:  # its failure was already reported by execute
+                pass
+        self._wait_ready(self.cluster.recovery_timeout_s)
+        ray.get([self.actors[replica_name(i)].reset.remote() for i in range(self.num_replicas)])
+        remove_rings(f"gptoss-{self._uid}-{self._epoch}-")
+        self._start_plane()
+        self.restarts += 1
+        log.warning("cluster recovered in %.1fs (recovery %d)", time.monotonic() - started, self.restarts)
+
+    # -- introspection ---------------------------------------------------------------------------
+    def topology(self) -> list[ActorInfo]:
+        return list(self.infos.values())
+
+    def stats(self) -> dict[str, Any]:
+        names = list(self.actors)
+        values = ray.get([self.actors[n].stats.remote() for n in names], timeout=30)
+        return {**dict(zip(names, values)), "recoveries": self.restarts}
+
+    def shutdown(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        for actor in getattr(self, "actors", {}).values():
+            ray.kill(actor, no_restart=True)
+        if getattr(self, "pg", None) is not None:
+            release(self.pg)
+            self.pg = None
+        remove_rings(f"gptoss-{self._uid}-")

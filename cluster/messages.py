@@ -1,0 +1,112 @@
+"""Every message that crosses an actor boundary on the data plane.
+
+One step costs one round of control messages: the engine sends each busy attention replica a
+`ReplicaStep` and the router a `RouterStep`; each replica answers with a `StepResult`. Inside the
+step the actors run the layer loop themselves, exchanging `MoeRequest`/`MoeResult` (replica <->
+router) and `ShardRequest`/`ShardResult` (router <-> expert shard) once per layer. Tensors inside
+these dataclasses travel as raw bytes beside the pickled header (see transport.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model_shards.sampling import SamplingParams
+
+
+@dataclass
+class ChunkPlan:
+    """One sequence's part of a step on its replica."""
+
+    seq_id: int
+    start: int  # tokens of this sequence already in the replica's KV cache
+    token_ids: list[int]  # the tokens to run now (prompt chunk, or the last sampled token)
+    reserve: int  # KV positions to reserve for the sequence before running (0: already reserved)
+    sample: bool  # True when the chunk reaches the end of the known tokens: sample the next one
+    params: SamplingParams  # temperature / top_p drive sampling on the replica
+    seed: int  # resolved seed: sampling depends only on (seed, index), so retries reproduce it
+    index: int  # how many tokens the sequence has generated so far (the sampling counter)
+
+
+@dataclass
+class ReplicaStep:
+    step_id: int
+    release: list[int]  # sequences whose KV is freed before this step (finished, aborted, reset)
+    chunks: list[ChunkPlan]  # may be empty: then the replica only releases and answers at once
+
+
+@dataclass
+class Sampled:
+    seq_id: int
+    token: int
+    logprob: float
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    replica: int
+    sampled: list[Sampled]
+    compute_s: float  # time the replica spent computing (not waiting on the MoE exchange)
+    moe_wait_s: float  # time it waited for MoE results, summed over layers
+    kv_usage: float  # fraction of its KV blocks in use after the step
+
+
+@dataclass
+class RouterStep:
+    step_id: int
+    replicas: list[int]  # replicas with tokens this step, in the order the router reads them
+
+
+@dataclass
+class MoeRequest:
+    step_id: int
+    layer: int
+    t: torch.Tensor  # [T_r, H] the replica's normed hidden states (the MoE block's input)
+
+
+@dataclass
+class MoeResult:
+    step_id: int
+    layer: int
+    y: torch.Tensor  # [T_r, H] the MoE block's output for those rows, in the model dtype
+
+
+@dataclass
+class ShardRequest:
+    step_id: int
+    layer: int
+    x: torch.Tensor  # [R, H] the distinct token rows this shard needs
+    token_index: torch.Tensor  # [N] row of x for each assignment
+    expert_ids: torch.Tensor  # [N] global expert id of each assignment (inside the shard's range)
+    gates: torch.Tensor  # [N] routing weight of each assignment
+
+
+@dataclass
+class ShardResult:
+    step_id: int
+    layer: int
+    weighted: torch.Tensor  # [N, H] fp32 gate * expert output per assignment
+    compute_s: float
+
+
+@dataclass
+class Stop:
+    """Ends an actor's data-plane loop cleanly."""
+
+    reason: str = "shutdown"
+
+
+@dataclass
+class ActorInfo:
+    """One line of the topology (`gptoss generate --engine cluster --json`)."""
+
+    role: str  # attention_replica | router | expert_shard
+    index: int
+    pid: int
+    node: str
+    device: str
+    experts: list[int] | None = None  # [a, b) for expert shards
+    extra: dict[str, float] = field(default_factory=dict)

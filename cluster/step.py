@@ -1,0 +1,36 @@
+"""What an attention replica does with one `ReplicaStep`: free and reserve KV, run the step's
+chunks through the model (the MoE computed by whatever `moe` does), sample where asked.
+
+Shared by the local executor (MoE in process) and the attention-replica actor (MoE through the
+router), so both engines take exactly the same path around the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.messages import ReplicaStep, Sampled
+from model_shards.batch import SeqChunk, plan_step
+from model_shards.kv_cache import KVCache
+from model_shards.model import GptOssModel, MoeFn
+from model_shards.sampling import sample
+
+
+def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: MoeFn | None = None) -> list[Sampled]:
+    for seq_id in step.release:
+        kv.free(seq_id)
+    if not step.chunks:
+        return []
+    for chunk in step.chunks:
+        if chunk.reserve:
+            kv.reserve(chunk.seq_id, chunk.reserve)
+    layout = plan_step([SeqChunk(c.seq_id, c.start, len(c.token_ids)) for c in step.chunks], model.device)
+    ids = torch.tensor([t for c in step.chunks for t in c.token_ids], dtype=torch.long, device=model.device)
+    logits = model.forward(ids, layout, kv, moe)  # [S, V]
+    rows = [i for i, c in enumerate(step.chunks) if c.sample]
+    if not rows:
+        return []
+    chunks = [step.chunks[i] for i in rows]
+    tokens, logprobs = sample(logits[rows], [c.params for c in chunks], [c.seed for c in chunks],
+                              [c.index for c in chunks])
+    return [Sampled(c.seq_id, t, lp) for c, t, lp in zip(chunks, tokens, logprobs)]

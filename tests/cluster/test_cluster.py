@@ -1,0 +1,119 @@
+"""The cluster engine on Ray actors gives the local engine's output, token for token."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import ClusterConfig, KVSpec, ModelSource, expert_bounds
+from cluster.engine import Engine
+from cluster.executor import LocalExecutor
+from model_shards.requests import Completion
+from model_shards.sampling import SamplingParams
+
+KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
+LENGTHS = (3, 17, 40, 130, 200, 9, 64, 5)  # 8 prompts, some longer than the sliding window
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 199_998, (n,), generator=gen).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_hf: Path) -> list[Completion]:
+    engine = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32"), KV))
+    try:
+        return engine.generate(prompts(), GREEDY)
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_hf: Path):
+    from cluster.cluster_executor import ClusterExecutor
+
+    executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"),
+                               ClusterConfig(attention_replicas=2, expert_shards=3, step_timeout_s=30), KV)
+    engine = Engine(executor)
+    yield engine
+    engine.shutdown()
+
+
+def assert_same(reference: list[Completion], outs: list[Completion], tolerance: float = 1e-4) -> None:
+    for ref, out in zip(reference, outs):
+        assert out.token_ids == ref.token_ids
+        assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < tolerance
+
+
+def test_cluster_matches_local_engine(cluster: Engine, reference: list[Completion]) -> None:
+    assert_same(reference, cluster.generate(prompts(), GREEDY, timeout=120))
+
+
+def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -> None:
+    topology = cluster.executor.topology()
+    roles = [a.role for a in topology]
+    assert roles.count("attention_replica") == 2 and roles.count("router") == 1 and roles.count("expert_shard") == 3
+    pids = [a.pid for a in topology]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    owned = sorted(e for a in topology if a.role == "expert_shard" for e in range(*a.experts))
+    assert owned == list(range(cluster.model_config.num_experts))
+
+
+def test_router_counts_every_routed_token(cluster: Engine) -> None:
+    before = sum(cluster.executor.stats()["router"]["expert_tokens"])
+    out = cluster.generate([prompts()[1]], SamplingParams(max_tokens=3, temperature=0.0))[0]
+    after = sum(cluster.executor.stats()["router"]["expert_tokens"])
+    tokens_run = len(prompts()[1]) + len(out.token_ids) - 1
+    cfg = cluster.model_config
+    assert after - before == tokens_run * cfg.num_hidden_layers * cfg.experts_per_token
+
+
+def test_continuous_batching_and_abort_on_the_cluster(cluster: Engine) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    steps_before = cluster.steps
+    first = cluster.submit(prompts()[0], params)
+    for _ in range(5):
+        assert first.events.get(timeout=60).token is not None
+    second = cluster.submit(prompts()[2], params)
+    doomed = cluster.submit(prompts()[3], SamplingParams(max_tokens=500, temperature=0.0))
+    assert doomed.events.get(timeout=60).token is not None
+    cluster.abort(doomed.request_id)
+    first.result(timeout=120), second.result(timeout=120)
+    assert cluster.steps - steps_before < 40 + 40 - 10
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the replicas themselves report their KV free again
+        usage = [v["kv_usage"] for k, v in cluster.executor.stats().items() if k.startswith("replica")]
+        if max(usage) == 0:
+            break
+        time.sleep(0.1)
+    assert max(usage) == 0
+
+
+def test_tcp_transport_uneven_split_and_packed_mxfp4(ray_session, tiny_hf: Path, reference: list[Completion]) -> None:
+    from cluster.cluster_executor import ClusterExecutor
+
+    config = ClusterConfig(attention_replicas=1, expert_shards=2, expert_bounds=(3,), transport="tcp",
+                           keep_mxfp4=True, step_timeout_s=30)
+    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV))
+    try:
+        assert [a.experts for a in engine.executor.topology() if a.role == "expert_shard"] == [[0, 3], [3, 16]]
+        assert_same(reference, engine.generate(prompts(), GREEDY, timeout=120))
+    finally:
+        engine.shutdown()
+
+
+def test_expert_bounds() -> None:
+    assert expert_bounds(16, 3) == ((0, 5), (5, 10), (10, 16))
+    assert expert_bounds(16, 16)[-1] == (15, 16) and expert_bounds(16, 1) == ((0, 16),)
+    assert expert_bounds(16, 3, (2, 15)) == ((0, 2), (2, 15), (15, 16))
+    for shards in (0, 17):
+        with pytest.raises(ValueError, match="between 1 and the number of experts"):
+            expert_bounds(16, shards)
+    with pytest.raises(ValueError, match="increasing"):
+        expert_bounds(16, 3, (9, 4))
