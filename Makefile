@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# Offline: make serve VOCAB_DIR=path/to/dir-with-o200k_base.tiktoken; more flags: SERVE_ARGS="--port 9000"
 serve: install
-	$(VENV)/bin/gptoss serve
+	$(VENV)/bin/gptoss $(if $(VOCAB_DIR),--vocab-dir $(VOCAB_DIR)) serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

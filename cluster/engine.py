@@ -52,21 +52,23 @@ class EngineConfig:
 
 
 @dataclass
-class Event:
-    request_id: str
-    token: int | None = None  # a generated token, or None on the final event
-    logprob: float | None = None
-    finish_reason: str | None = None  # stop | length | abort | error, on the last event
-    error: str | None = None
-
-
-@dataclass
 class RequestTimes:
     arrival: float
     scheduled: float | None = None  # first step that ran any of its tokens
     first_token: float | None = None
     finished: float | None = None
     token_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    request_id: str
+    token: int | None = None  # a generated token, or None on the final event
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | abort | error, on the last event
+    error: str | None = None
+    times: RequestTimes | None = None  # on the last event: when it arrived, was scheduled, produced tokens
 
 
 class RequestHandle:
@@ -79,7 +81,10 @@ class RequestHandle:
         self._sink = sink or self.events.put
 
     def emit(self, event: Event) -> None:
-        self._sink(event)
+        try:
+            self._sink(event)
+        except Exception as exc:  # the consumer is gone (its event loop closed...): never the engine's problem
+            log.warning("dropped an event for %s: %s", self.request_id, exc)
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request ends (only for handles without a custom sink)."""
@@ -142,6 +147,7 @@ class Engine:
         self.healthy = True
         self.last_error: str | None = None
         self._stopped = False
+        self._draining = False
         self._thread = threading.Thread(target=self._loop, name="gptoss-engine", daemon=True)
         self._thread.start()
 
@@ -150,8 +156,10 @@ class Engine:
                sink: Callable[[Event], None] | None = None) -> RequestHandle:
         validate_request(prompt_ids, params, self.model_config, self.max_model_len)
         with self._lock:
-            if self._stopped or not self.healthy:
-                raise EngineUnavailable(self.last_error or "the engine is shut down")
+            if self._draining or self._stopped:
+                raise EngineUnavailable("the server is shutting down")
+            if not self.healthy:
+                raise EngineUnavailable(self.last_error or "the engine is not healthy")
             if len(self._waiting) >= self.config.max_waiting:
                 raise EngineOverloaded(f"{len(self._waiting)} requests are waiting; try again later")
             seq_id = next(self._ids)
@@ -189,13 +197,31 @@ class Engine:
             return {"running": len(self._running), "waiting": len(self._waiting),
                     "kv_usage": sum(used) / len(used), "steps": self.steps}
 
-    def shutdown(self) -> None:
+    def begin_drain(self) -> int:
+        """Refuse new requests from now on; returns how many are still in flight."""
+        with self._lock:
+            self._draining = True
+        return self.in_flight()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._running)
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Refuse new requests, let in-flight ones finish for up to `drain_timeout_s`, end the
+        rest with finish_reason "abort", then release the executor."""
+        self.begin_drain()
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and self.in_flight():
+            time.sleep(0.02)
         with self._lock:
             self._stopped = True
             self._lock.notify()
         self._thread.join(timeout=30)
-        for seq in self._waiting + self._running:
-            self._finish(seq, "error", "the engine shut down")
+        with self._lock:
+            for seq in self._waiting + self._running:
+                self._finish(seq, "abort", "the server shut down before the request finished")
+            self._waiting, self._running = [], []
         self.executor.shutdown()
 
     # -- the loop --------------------------------------------------------------------------------
@@ -297,7 +323,7 @@ class Engine:
                 seq.out.append(got.token)
                 seq.times.first_token = seq.times.first_token or now
                 seq.times.token_times.append(now)
-                seq.handle.emit(Event(seq.handle.request_id, got.token, got.logprob))
+                seq.handle.emit(Event(seq.handle.request_id, got.token, got.logprob, got.top))
                 if got.token in seq.params.stop_token_ids:
                     self._end(seq, "stop")
                 elif len(seq.out) >= seq.params.max_tokens:
@@ -319,7 +345,7 @@ class Engine:
             return
         seq.times.finished = time.monotonic()
         self._by_request.pop(seq.handle.request_id, None)
-        seq.handle.emit(Event(seq.handle.request_id, finish_reason=reason, error=error))
+        seq.handle.emit(Event(seq.handle.request_id, finish_reason=reason, error=error, times=seq.times))
 
     def _recover(self, reason: str) -> None:
         try:

@@ -15,12 +15,16 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
+
 from cluster.config import KVSpec, ModelSource
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
+from cluster.stats import Histogram
 from cluster.step import run_replica_step
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
 from model_shards.loader import load_local_model
+from model_shards.moe import moe_block
 
 
 class ExecutorFailure(RuntimeError):
@@ -56,13 +60,22 @@ class LocalExecutor(Executor):
         self.config = self.model.config
         self.kv = kv
         self.num_replicas = 1
+        self.expert_tokens = torch.zeros(self.config.num_experts, dtype=torch.long)  # summed over layers
+        self.moe_time = Histogram()  # the single "shard": every expert, in this process
         self.recover()
+
+    def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        w = self.model.weights
+        y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens)
+        self.moe_time.observe(time.perf_counter() - start)
+        return y
 
     def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
         out = {}
         for replica, step in steps.items():
             start = time.perf_counter()
-            sampled = run_replica_step(self.model, self.cache, step)
+            sampled = run_replica_step(self.model, self.cache, step, self._moe)
             out[replica] = StepResult(step.step_id, replica, sampled, time.perf_counter() - start, 0.0,
                                       self.cache.usage())
         return out
@@ -75,4 +88,5 @@ class LocalExecutor(Executor):
         return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts])]
 
     def stats(self) -> dict[str, Any]:
-        return {"kv_usage": [self.cache.usage()]}
+        return {"replica0": {"kv_usage": self.cache.usage()},
+                "router": {"expert_tokens": self.expert_tokens.tolist(), "shard_step": [self.moe_time.snapshot()]}}

@@ -42,6 +42,7 @@ class Sampled:
     seq_id: int
     token: int
     logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # top_logprobs alternatives, if asked
 
 
 @dataclass

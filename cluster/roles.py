@@ -15,6 +15,7 @@ import torch
 from cluster.config import ReplicaSpec, RouterSpec, ShardSpec
 from cluster.messages import (MoeRequest, MoeResult, ReplicaStep, RouterStep, ShardRequest, ShardResult, StepResult,
                               Stop)
+from cluster.stats import Histogram
 from cluster.step import run_replica_step
 from cluster.transport import Endpoint
 from model_shards.kv_cache import KVCache
@@ -105,6 +106,7 @@ class Router:
         self.expert_tokens = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)  # routed counts
         self.shard_compute_s = [0.0] * len(self.bounds)
         self.shard_calls = [0] * len(self.bounds)
+        self.shard_step = [Histogram() for _ in self.bounds]  # compute time per call, per shard
         # Per-layer timing, summed: the router's own compute (routing, dispatch indices, combine;
         # not its sends and receives) and the slowest shard's compute. What a replica waits for the
         # MoE beyond these two is the data plane.
@@ -149,6 +151,7 @@ class Router:
             weighted[mine] = result.weighted.to(t.device)
             self.shard_compute_s[s] += result.compute_s
             self.shard_calls[s] += 1
+            self.shard_step[s].observe(result.compute_s)
         self.shard_max_s += slowest
         return combine(weighted, k, t.dtype)
 
@@ -175,7 +178,8 @@ class Router:
     def stats(self) -> dict[str, object]:
         return {"expert_tokens": self.expert_tokens.sum(0).tolist(),
                 "shard_compute_s": list(self.shard_compute_s), "shard_calls": list(self.shard_calls),
-                "route_s": self.route_s, "shard_max_s": self.shard_max_s, "layers_run": self.layers_run}
+                "route_s": self.route_s, "shard_max_s": self.shard_max_s, "layers_run": self.layers_run,
+                "shard_step": [h.snapshot() for h in self.shard_step]}
 
 
 class ExpertShard:

@@ -31,6 +31,5 @@ def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: Mo
     if not rows:
         return []
     chunks = [step.chunks[i] for i in rows]
-    tokens, logprobs = sample(logits[rows], [c.params for c in chunks], [c.seed for c in chunks],
-                              [c.index for c in chunks])
-    return [Sampled(c.seq_id, t, lp) for c, t, lp in zip(chunks, tokens, logprobs)]
+    choices = sample(logits[rows], [c.params for c in chunks], [c.seed for c in chunks], [c.index for c in chunks])
+    return [Sampled(c.seq_id, x.token, x.logprob, x.top) for c, x in zip(chunks, choices)]

@@ -3,7 +3,7 @@
     gptoss generate --model PATH_OR_ID (--prompt TEXT | --prompt-ids 1,2,3) [--engine local|cluster] [--json]
     gptoss bench --model PATH --engine local,cluster --batch-sizes 1,16,64
     gptoss make-tiny OUT [--preset tiny|small] [--layout hf|original] [--mxfp4/--no-mxfp4] [--seed N]
-    gptoss serve ...
+    gptoss serve [--model PATH_OR_ID] [--host] [--port] [--engine local|cluster] [--api-key KEY] ...
 
 `generate --json` is the project's scripting interface: its last line is one JSON object with at
 least token_ids, logprobs, text and finish_reason (or an `error` object, with exit status 2).
@@ -20,6 +20,7 @@ from typing import Sequence
 from cluster.engine import EngineOverloaded, EngineUnavailable
 from cluster.executor import ExecutorFailure
 from deploy import commands
+from deploy.serve_cmd import ServeFailed
 from model_shards.chat import ChatFormatError
 from model_shards.checkpoint import CheckpointError
 from model_shards.config import PRESETS, ConfigError
@@ -33,7 +34,7 @@ from model_shards.tokenizer import TokenizerUnavailable, use_vocab_dir
 # (and as JSON with --json), never as a traceback.
 USER_ERRORS = (InvalidRequest, CheckpointError, ConfigError, ChatFormatError, TokenizerUnavailable,
                commands.UsageError, FileNotFoundError, ValueError, EngineOverloaded, EngineUnavailable,
-               ExecutorFailure)
+               ExecutorFailure, ServeFailed)
 
 
 def _int_list(text: str) -> list[int]:
@@ -90,13 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at stop tokens")
     g.add_argument("--json", action="store_true", help="end with one JSON line")
 
-    b = sub.add_parser("bench", help="decode step time and tokens/s per batch size")
-    _add_engine_args(b, engine_default="local")
+    b = sub.add_parser("bench", help="decode step time and tokens/s per batch size; `bench serve` for HTTP load")
+    _add_engine_args(b, model_required=False, engine_default="local")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64])
     b.add_argument("--input-len", type=int, default=32)
     b.add_argument("--steps", type=int, default=16)
     b.add_argument("--memory-bandwidth-gbs", type=float,
                    help="memory bandwidth (GB/s) to print the batch-1 roofline beside the measurement")
+    targets = b.add_subparsers(dest="target")
+    bs = targets.add_parser("serve", help="load any OpenAI-compatible server: TTFT, ITL, E2EL, tokens/s")
+    bs.add_argument("--url", required=True, help="the API base, e.g. http://127.0.0.1:8000/v1")
+    bs.add_argument("--concurrency", type=_int_list, default=[1, 8, 32])
+    bs.add_argument("--num-prompts", type=int, default=64)
+    bs.add_argument("--input-len", type=int, default=128)
+    bs.add_argument("--output-len", type=int, default=64)
+    bs.add_argument("--model", help="model name to request (default: the first of /v1/models)")
+    bs.add_argument("--prompt-type", choices=["tokens", "text"], default="tokens")
+    bs.add_argument("--api-key")
+    bs.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the real gpt-oss layout")
     t.add_argument("out")
@@ -105,8 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mxfp4", action=argparse.BooleanOptionalAction, default=True, help="experts in MXFP4")
     t.add_argument("--seed", type=int, default=0)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _add_engine_args(s, model_required=False)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server on Ray Serve")
+    _add_engine_args(s, model_required=False, engine_default="cluster")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model name clients use (default: --model)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond which clients get 429")
+    s.add_argument("--request-timeout", type=float, help="seconds before a request ends with 408 (default: none)")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    s.add_argument("--default-max-tokens", type=int, default=4096, help="for chat requests that give none")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
     return parser
 
 
@@ -120,14 +141,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             result = commands.generate(args)
             print(json.dumps(result) if args.json else result["text"])
+        elif args.command == "bench" and args.target == "serve":
+            from deploy.loadgen import bench_serve
+
+            if min(args.concurrency or [0]) < 1 or args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+                raise commands.UsageError("concurrency, --num-prompts, --input-len and --output-len must be positive")
+            print(bench_serve(args.url, args.concurrency, args.num_prompts, args.input_len, args.output_len,
+                              args.model, args.prompt_type, args.api_key, args.seed))
         elif args.command == "bench":
+            if not args.model:
+                raise commands.UsageError("bench needs --model (or `bench serve --url URL`)")
             print(commands.bench(args))
         elif args.command == "make-tiny":
             path = make_tiny(args.out, args.preset, args.layout, args.mxfp4, args.seed)
             print(f"wrote a random {args.preset} checkpoint ({args.layout} layout) to {path}")
         elif args.command == "serve":
-            print("gptoss serve: not yet available (the Serving issue adds it)", file=sys.stderr)
-            return 2
+            from deploy.serve_cmd import run
+
+            return run(args)
     except USER_ERRORS as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}}))

@@ -11,6 +11,7 @@ from `functions.NAME` (the name found through `tool_call_id`).
 
 from __future__ import annotations
 
+import codecs
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyError, Message, ReasoningEffort, Role,
                             StreamableParser, SystemContent, ToolDescription)
 
-from model_shards.tokenizer import decode, harmony
+from model_shards.tokenizer import decode, harmony, tokenizer
 
 REASONING_EFFORTS = ("low", "medium", "high")
 
@@ -139,6 +140,17 @@ def render_chat(messages: list[dict[str, Any]], reasoning_effort: str = "medium"
     return list(harmony().render_conversation_for_completion(conversation, Role.ASSISTANT))
 
 
+@dataclass
+class Delta:
+    """What one generated token added, for streaming."""
+
+    kind: str  # "reasoning" | "content" | "tool_call"
+    text: str  # for tool calls: a piece of the arguments
+    tool_index: int | None = None  # which tool call (0, 1, ...)
+    tool_name: str | None = None  # on the first delta of a tool call
+    tool_id: str | None = None
+
+
 class CompletionParser:
     """Incremental parser of generated ids. Tolerant: output that breaks the harmony grammar (a
     random model, a truncated answer) ends up as plain content instead of raising."""
@@ -147,16 +159,41 @@ class CompletionParser:
         self._parser = StreamableParser(harmony(), role=Role.ASSISTANT)
         self._broken: list[int] = []  # ids after the grammar broke
         self._all: list[int] = []
+        self._calls: dict[int, ToolCall] = {}  # harmony message index -> the tool call it is
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def feed(self, token_id: int) -> None:
+    def feed(self, token_id: int) -> list[Delta]:
         self._all.append(token_id)
-        if self._broken:
-            self._broken.append(token_id)
-            return
-        try:
-            self._parser.process(token_id)
-        except HarmonyError:
-            self._broken.append(token_id)
+        if not self._broken:
+            try:
+                self._parser.process(token_id)
+            except HarmonyError:
+                self._broken.append(token_id)
+                return [Delta("content", self._decoder.decode(tokenizer().decode_single_token_bytes(token_id)))]
+            return self._delta()
+        self._broken.append(token_id)
+        return [Delta("content", self._decoder.decode(tokenizer().decode_single_token_bytes(token_id)))]
+
+    def _delta(self) -> list[Delta]:
+        text = self._parser.last_content_delta
+        if not text:
+            return []
+        recipient = self._parser.current_recipient
+        if recipient and recipient.startswith("functions."):
+            message = len(self._parser.messages)
+            first = message not in self._calls
+            if first:
+                self._calls[message] = ToolCall(f"call_{uuid.uuid4().hex[:24]}", recipient[len("functions."):], "")
+            call = self._calls[message]
+            index = list(self._calls).index(message)
+            return [Delta("tool_call", text, index, call.name if first else None, call.id if first else None)]
+        return [Delta("content" if self._parser.current_channel == "final" else "reasoning", text)]
+
+    def finish(self) -> list[Delta]:
+        """Deltas only known at the end: output that never was harmony at all."""
+        if not self._broken and not self._parser.messages and not self._parser.current_content and self._all:
+            return [Delta("content", decode(self._all))]
+        return []
 
     def result(self) -> ParsedCompletion:
         out = ParsedCompletion()
@@ -166,9 +203,11 @@ class CompletionParser:
             messages.append((self._parser.current_channel, self._parser.current_recipient,
                              self._parser.current_content))
         reasoning, content = [], []
-        for channel, recipient, text in messages:
+        for index, (channel, recipient, text) in enumerate(messages):
             if recipient and recipient.startswith("functions."):
-                out.tool_calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", recipient[len("functions."):], text))
+                known = self._calls.get(index)
+                call_id = known.id if known else f"call_{uuid.uuid4().hex[:24]}"
+                out.tool_calls.append(ToolCall(call_id, recipient[len("functions."):], text))
             elif channel == "final":
                 content.append(text)
             else:

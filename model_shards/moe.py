@@ -68,10 +68,14 @@ def combine(weighted: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return weighted.view(-1, k, weighted.shape[-1]).sum(dim=1).to(dtype)
 
 
-def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
-    """t [T, H] (already normed) -> MoE output [T, H], with every expert in one place."""
+def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cfg: GptOssConfig,
+              counts: torch.Tensor | None = None) -> torch.Tensor:
+    """t [T, H] (already normed) -> MoE output [T, H], with every expert in one place. `counts`
+    [E], when given, is incremented by the tokens routed to each expert."""
     k = cfg.experts_per_token
     expert_ids, gates = route(t, router, k)  # [T, K]
+    if counts is not None:
+        counts += torch.bincount(expert_ids.flatten().cpu(), minlength=counts.shape[0])
     token_index = torch.arange(t.shape[0], device=t.device).repeat_interleave(k)  # [T*K]
     weighted = run_experts(t, token_index, expert_ids.flatten(), gates.flatten(), experts, cfg)
     return combine(weighted, k, t.dtype)

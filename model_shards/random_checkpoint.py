@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -164,3 +166,20 @@ def write_checkpoint(weights: ModelWeights, out_dir: str | Path, layout: str = H
 def make_tiny(out_dir: str | Path, preset_name: str = "tiny", layout: str = HF, as_mxfp4: bool = True,
               seed: int = 0, max_shard_bytes: int | None = None) -> Path:
     return write_checkpoint(random_weights(preset(preset_name), seed), out_dir, layout, as_mxfp4, max_shard_bytes)
+
+
+def default_random_model(cache_dir: str | Path | None = None, preset_name: str = "tiny", seed: int = 0) -> Path:
+    """A random checkpoint made once into a cache directory (what `gptoss serve` serves when no
+    model is given). Written to a temporary name and renamed, so a half-written one is never used."""
+    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "gptoss"
+    target = root / f"random-{preset_name}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{target.name}.{os.getpid()}"
+    make_tiny(staging, preset_name, HF, True, seed)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: use theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures under this mean argmax
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # None: the engine draws one when the request is created
     stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0  # also report this many most likely tokens per position (0..20)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before choosing
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -32,6 +35,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -58,18 +65,40 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum()
 
 
+@dataclass
+class Choice:
+    token: int
+    logprob: float  # under the unmodified distribution
+    top: list[tuple[int, float]]  # the most likely tokens and their log-probs, when asked for
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-           steps: Sequence[int]) -> tuple[list[int], list[float]]:
-    """logits [S, V] fp32 -> one token per row and its log-prob; row i uses params[i], and the
-    draw is fixed by (seeds[i], steps[i])."""
-    logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [S, V]
-    tokens = torch.argmax(logits, dim=-1).tolist()
+           steps: Sequence[int]) -> list[Choice]:
+    """logits [S, V] fp32 -> one choice per row; row i uses params[i], and the draw is fixed by
+    (seeds[i], steps[i])."""
+    logits = logits.to(torch.float32)
+    logprobs = torch.log_softmax(logits, dim=-1)  # [S, V] unmodified
+    biased = logits
+    if any(p.logit_bias for p in params):
+        biased = logits.clone()
+        for row, p in enumerate(params):
+            for token, bias in p.logit_bias:
+                biased[row, token] += bias
+    tokens = torch.argmax(biased, dim=-1).tolist()
     for row, p in enumerate(params):
         if p.greedy:
             continue
-        probs = torch.softmax(logits[row].to(torch.float32).cpu() / p.temperature, dim=-1)  # [V]
+        probs = torch.softmax(biased[row].cpu() / p.temperature, dim=-1)  # [V]
         probs = top_p_filter(probs, p.top_p)
         tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
-    chosen = logprobs[torch.arange(len(tokens), device=logits.device),
-                      torch.tensor(tokens, device=logits.device)]
-    return tokens, chosen.tolist()
+    rows = torch.arange(len(tokens), device=logits.device)
+    chosen = logprobs[rows, torch.tensor(tokens, device=logits.device)].tolist()
+    most = max(p.top_logprobs for p in params)
+    top_values, top_ids = torch.topk(logprobs, most, dim=-1) if most else (None, None)
+    out = []
+    for row, p in enumerate(params):
+        top = []
+        if p.top_logprobs:
+            top = list(zip(top_ids[row, :p.top_logprobs].tolist(), top_values[row, :p.top_logprobs].tolist()))
+        out.append(Choice(tokens[row], chosen[row], top))
+    return out

@@ -192,3 +192,14 @@ def test_failed_recovery_fails_requests_and_marks_unhealthy(local: LocalExecutor
     assert not eng.healthy
     with pytest.raises(EngineUnavailable):
         eng.submit(prompts(5)[0], GREEDY)
+
+
+def test_a_failing_consumer_does_not_stop_the_engine(local: LocalExecutor) -> None:
+    eng = engine(local)
+
+    def broken_sink(event: object) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    eng.submit(prompts(5)[0], GREEDY, sink=broken_sink)
+    assert len(eng.generate(prompts(6), GREEDY, timeout=60)[0].token_ids) == 8
+    assert eng.healthy
