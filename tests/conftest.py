@@ -49,11 +49,20 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny-hf"), "tiny", "hf", True, seed=0)
 
 
+RAY_METRICS_PORT: list[int] = []  # where the session's Ray exports metrics (tests read it)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray for the whole session (starting one costs seconds); clusters come and go inside it."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            RAY_METRICS_PORT.append(s.getsockname()[1])
         # More logical CPUs than cores: actors mostly wait on each other.
-        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
+                 _metrics_export_port=RAY_METRICS_PORT[0])
     yield ray
