@@ -48,23 +48,25 @@ class ClusterExecutor(Executor):
         self.restarts = 0
 
         c = cluster
-        members: list[tuple[str, Any, float]] = [
+        members: list[tuple[str, Any, float, dict[str, float]]] = [
             ("attention_replica", ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
-             c.gpus_per_attention_replica) for i in range(c.attention_replicas)]
-        members.append(("router", RouterSpec(source, self.bounds, c.gpus_per_router > 0), c.gpus_per_router))
+             c.gpus_per_attention_replica, c.attention_replica_resources) for i in range(c.attention_replicas)]
+        members.append(("router", RouterSpec(source, self.bounds, c.gpus_per_router > 0), c.gpus_per_router,
+                        c.router_resources))
         members += [("expert_shard", ShardSpec(source, j, self.bounds[j], c.keep_mxfp4, c.gpus_per_expert_shard > 0),
-                     c.gpus_per_expert_shard) for j in range(len(self.bounds))]
+                     c.gpus_per_expert_shard, c.expert_shard_resources) for j in range(len(self.bounds))]
         connect_ray(c.ray_address, len(members) * c.cpus_per_actor)
-        self.pg = reserve([bundle(c.cpus_per_actor, g) for _, _, g in members], c.placement_strategy,
+        self.pg = reserve([bundle(c.cpus_per_actor, g, extra) for _, _, g, extra in members], c.placement_strategy,
                           c.recovery_timeout_s)
         threads = max(1, int(c.cpus_per_actor))
-        self.names = [member_name(role, spec.index if role != "router" else 0) for role, spec, _ in members]
+        self.names = [member_name(role, spec.index if role != "router" else 0) for role, spec, _, _ in members]
         self.actors = {
             name: RemoteMember.options(
-                num_cpus=c.cpus_per_actor, num_gpus=gpus, max_restarts=c.max_restarts, max_task_retries=0,
+                num_cpus=c.cpus_per_actor, num_gpus=gpus, resources=extra or None, max_restarts=c.max_restarts,
+                max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(role, spec, threads)
-            for i, (name, (role, spec, gpus)) in enumerate(zip(self.names, members))
+            for i, (name, (role, spec, gpus, extra)) in enumerate(zip(self.names, members))
         }
         try:
             self._wait_ready(c.recovery_timeout_s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,6 +76,11 @@ class ClusterConfig:
     gpus_per_expert_shard: float = 0.0
     gpus_per_router: float = 0.0
     cpus_per_actor: float = 1.0
+    # Custom Ray resources per role, to place roles on chosen nodes (e.g. a KubeRay worker group that
+    # advertises {"gptoss_experts": 4} takes the expert shards that ask for {"gptoss_experts": 1}).
+    attention_replica_resources: dict[str, float] = field(default_factory=dict)
+    expert_shard_resources: dict[str, float] = field(default_factory=dict)
+    router_resources: dict[str, float] = field(default_factory=dict)
     keep_mxfp4: bool = False
     transport: str = "auto"  # auto (shm on one node, else tcp) | shm | tcp
     ring_mb: int = 8  # per shared-memory channel; messages larger than this stream through it
@@ -94,6 +99,9 @@ class ClusterConfig:
             raise ValueError("GPU fractions must be >= 0")
         if self.step_timeout_s <= 0 or self.cpus_per_actor <= 0:
             raise ValueError("step_timeout_s and cpus_per_actor must be positive")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"not {self.placement_strategy!r}")
 
 
 def expert_bounds(num_experts: int, shards: int, split: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:

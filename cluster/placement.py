@@ -27,8 +27,8 @@ def connect_ray(address: str | None, min_cpus: float) -> None:
              logging_level=logging.WARNING, log_to_driver=True)
 
 
-def bundle(cpus: float, gpus: float) -> dict[str, float]:
-    b = {"CPU": cpus}
+def bundle(cpus: float, gpus: float, extra: dict[str, float] | None = None) -> dict[str, float]:
+    b = {"CPU": cpus, **(extra or {})}
     if gpus > 0:
         b["GPU"] = gpus
     return b

@@ -14,6 +14,7 @@ its health check fails.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -55,9 +56,19 @@ class AppArgs(BaseModel):
     gpus_per_expert_shard: float = Field(default=0.0, ge=0.0)
     gpus_per_router: float = Field(default=0.0, ge=0.0)
     cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    attention_replica_resources: dict[str, float] = Field(default_factory=dict,
+                                                          description="custom Ray resources each replica needs")
+    expert_shard_resources: dict[str, float] = Field(default_factory=dict)
+    router_resources: dict[str, float] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    ingress_num_cpus: float = Field(default=1.0, ge=0.0, description="CPUs of the Serve replica that runs the engine")
+    ingress_resources: dict[str, float] = Field(default_factory=dict,
+                                                description="custom Ray resources that place the Serve replica")
     transport: Literal["auto", "shm", "tcp"] = "auto"
     step_timeout_s: float = Field(default=60.0, gt=0.0)
     api_key: SecretStr | None = None
+    api_key_env: str | None = Field(default=None, description="read the API key from this environment variable "
+                                                              "(on Kubernetes: set from a Secret)")
     request_timeout_s: float | None = Field(default=None, gt=0.0)
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
     default_max_tokens: int = Field(default=4096, ge=1)
@@ -70,7 +81,9 @@ class AppArgs(BaseModel):
             expert_bounds=tuple(self.expert_split) if self.expert_split else None,
             gpus_per_attention_replica=self.gpus_per_attention_replica,
             gpus_per_expert_shard=self.gpus_per_expert_shard, gpus_per_router=self.gpus_per_router,
-            cpus_per_actor=self.cpus_per_actor, keep_mxfp4=self.expert_weights == "mxfp4",
+            cpus_per_actor=self.cpus_per_actor, attention_replica_resources=self.attention_replica_resources,
+            expert_shard_resources=self.expert_shard_resources, router_resources=self.router_resources,
+            placement_strategy=self.placement_strategy, keep_mxfp4=self.expert_weights == "mxfp4",
             transport=self.transport, step_timeout_s=self.step_timeout_s)
         return EngineArgs(model=model, engine=self.engine, dtype=self.dtype, device=self.device,
                           kv_cache_tokens=self.kv_cache_tokens, max_num_seqs=self.max_num_seqs,
@@ -79,6 +92,16 @@ class AppArgs(BaseModel):
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or RANDOM_MODEL_NAME
+
+    def key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(f"api_key_env names {self.api_key_env}, which is not set in the environment")
+            return value
+        return None
 
 
 def parse_args(args: dict[str, Any]) -> AppArgs:
@@ -108,7 +131,7 @@ class OpenAIServer:
         name = self.args.model_name()
         self.metrics = ServerMetrics(self.engine, name)
         self.export = RayExport(self.metrics.registry)
-        key = self.args.api_key.get_secret_value() if self.args.api_key else None
+        key = self.args.key()
         self.asgi_app = create_api(self.engine, ApiSettings(name, key, self.args.max_body_bytes, self.args.request_timeout_s,
                                                        self.args.default_max_tokens), self.metrics)
 
@@ -133,7 +156,8 @@ class OpenAIServer:
 def build_app(args: dict[str, Any]) -> Application:
     """RayService import_path target: validated args -> the Serve application."""
     parsed = parse_args(dict(args or {}))
-    deployment = OpenAIServer.options(graceful_shutdown_timeout_s=parsed.drain_timeout_s + 5,
-                                      graceful_shutdown_wait_loop_s=1)
+    deployment = OpenAIServer.options(
+        graceful_shutdown_timeout_s=parsed.drain_timeout_s + 5, graceful_shutdown_wait_loop_s=1,
+        ray_actor_options={"num_cpus": parsed.ingress_num_cpus, "resources": parsed.ingress_resources})
     return deployment.bind(parsed.model_dump(mode="json", exclude={"api_key"}) | (
         {"api_key": parsed.api_key.get_secret_value()} if parsed.api_key else {}))

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=4 << 20)
     s.add_argument("--default-max-tokens", type=int, default=4096, help="for chat requests that give none")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    s.add_argument("--metrics-export-port", type=int,
+                   help="port of Ray's metrics export when Ray starts here (Prometheus scrapes ray_gptoss_* there)")
     return parser
 
 

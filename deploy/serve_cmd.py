@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     actors = 1 + (args.attention_replicas + args.expert_shards + 1 if args.engine == "cluster" else 0)
     started_ray = not args.ray_address
     if started_ray:
+        extra = {"_metrics_export_port": args.metrics_export_port} if args.metrics_export_port else {}
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actors * args.cpus_per_actor) + 2),
-                 include_dashboard=False, logging_level=logging.WARNING)
+                 include_dashboard=False, logging_level=logging.WARNING, **extra)
     else:
         ray.init(address=args.ray_address, logging_level=logging.WARNING)
     # The handler only records the signal: it runs on the main thread, inside whatever that thread
