@@ -146,10 +146,12 @@ class OpenAIServer:
         if not self.engine.healthy:
             raise RuntimeError(self.engine.last_error or "the engine is not healthy")
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # Serve calls it when the replica stops (after its own drain)
+        export = getattr(self, "export", None)
+        if export is not None:
+            export.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
-            self.export.stop()
             engine.shutdown(self.args.drain_timeout_s)
 
 

@@ -23,6 +23,17 @@ VOCAB_DIR = SHARED / "tokenizer"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if (VOCAB_DIR / "o200k_base.tiktoken").exists():
         # Environment variables, so that `gptoss` subprocesses started by tests find it too.
