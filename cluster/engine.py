@@ -119,8 +119,18 @@ class _Seq:
     def lifetime(self) -> int:
         return len(self.prompt) + self.params.max_tokens
 
-    def known(self) -> list[int]:
-        return self.prompt + self.out
+    @property
+    def known(self) -> int:
+        return len(self.prompt) + len(self.out)
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens [start, start + n) of prompt + output, without joining the two (a decode step
+        needs one token of what may be a very long sequence)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.out[start - p:start - p + n]
+        head = self.prompt[start:start + n]
+        return head + self.out[:n - len(head)]
 
 
 class Engine:
@@ -274,13 +284,12 @@ class Engine:
         decoding = [s for s in self._running if s.cached >= len(s.prompt)]
         prefilling = [s for s in self._running if s.cached < len(s.prompt)]
         for seq in decoding + prefilling:
-            known = seq.known()
-            n = min(len(known) - seq.cached, budget)
+            n = min(seq.known - seq.cached, budget)
             if n <= 0:
                 continue
             budget -= n
-            plan = ChunkPlan(seq.seq_id, seq.cached, known[seq.cached:seq.cached + n],
-                             seq.lifetime if seq.reserve_pending else 0, seq.cached + n == len(known),
+            plan = ChunkPlan(seq.seq_id, seq.cached, seq.tokens(seq.cached, n),
+                             seq.lifetime if seq.reserve_pending else 0, seq.cached + n == seq.known,
                              seq.params, seq.seed, len(seq.out))
             seq.reserve_pending = False
             chunks.setdefault(seq.replica, []).append(plan)
