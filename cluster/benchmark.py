@@ -29,6 +29,8 @@ class DecodeRow:
     tokens_per_s: float  # B / median step
     moe_wait_us_per_layer: float | None = None  # cluster: a replica's wait for the MoE result, per layer
     data_plane_us_per_layer: float | None = None  # that wait minus router work and the slowest shard
+    router_us_per_layer: float | None = None  # the router's own compute (routing, dispatch, combine)
+    shard_us_per_layer: float | None = None  # the slowest shard's compute
 
 
 def _chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
@@ -85,9 +87,11 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
         if after and sum(waits) > 0:
             # median wait per step (scheduling hiccups on a busy machine skew a mean), against the
             # mean compute of the router and of the slowest shard
-            work = after["route_s"] - before["route_s"] + after["shard_max_s"] - before["shard_max_s"]
+            routing = (after["route_s"] - before["route_s"]) / layers
+            shard = (after["shard_max_s"] - before["shard_max_s"]) / layers
             wait = statistics.median(waits) / cfg.num_hidden_layers
             row.moe_wait_us_per_layer = wait * 1e6
-            row.data_plane_us_per_layer = (wait - work / layers) * 1e6
+            row.data_plane_us_per_layer = (wait - routing - shard) * 1e6
+            row.router_us_per_layer, row.shard_us_per_layer = routing * 1e6, shard * 1e6
         rows.append(row)
     return rows

@@ -5,7 +5,8 @@ development machine (median of 300; see README "Data plane"): for a 1 x 2880 fp3
 with a FIFO wake-up 12 us, TCP loopback 40 us, gloo send/recv 181 us, a Ray actor call ~2 ms.
 
 Shared-memory ring: one writer, one reader, a file in /dev/shm holding two monotonic byte counters
-(written, read) and `capacity` bytes of data. Messages of any size stream through it with flow
+(written, read) and `capacity` bytes of data. The reader creates it; the writer removes its name
+(and the FIFOs') once it has opened them, so a killed process leaves nothing behind. Messages of any size stream through it with flow
 control. Each side sleeps in select() on a FIFO and the other side writes one byte into it after
 moving a counter: a wake-up can be early or repeated but never lost, because the byte stays in the
 FIFO until read. Counters are 8-byte aligned stores made after the data copy (x86 keeps store order).
@@ -100,6 +101,11 @@ class ShmRing(ByteStream):
         # wake-ups pending) drop the extra byte instead of blocking.
         self._data_fd = os.open(self.path + ".data", os.O_RDWR | os.O_NONBLOCK)
         self._space_fd = os.open(self.path + ".space", os.O_RDWR | os.O_NONBLOCK)
+        if not create:
+            # Both ends now hold the ring and its FIFOs open, so nobody needs the names any more:
+            # removing them here means a process killed with SIGKILL leaves nothing in /dev/shm
+            # (the kernel frees the memory with the last mapping).
+            self._unlink()
 
     def ready(self) -> bool:
         return int(self._counters[0]) != int(self._counters[1])
@@ -173,11 +179,14 @@ class ShmRing(ByteStream):
         self._view.release()
         self._mm.close()
         if self._owner:
-            for path in (self.path, self.path + ".data", self.path + ".space"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            self._unlink()  # a writer never connected
+
+    def _unlink(self) -> None:
+        for path in (self.path, self.path + ".data", self.path + ".space"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def remove_rings(prefix: str) -> int:

@@ -4,7 +4,10 @@ The per-layer messages (MoeRequest, MoeResult, ShardRequest, ShardResult) hold o
 tensors; they get a fixed binary header built from their dataclass fields, because pickling them
 cost 100-300 us per message inside the actors (measured; see README "Data plane"), several times the
 channel itself. Everything else (one ReplicaStep and StepResult per step) is pickled, with its
-tensors taken out of band. Either way the tensors' bytes follow the header raw.
+tensors taken out of band. Either way the tensors' bytes follow the header raw: sent from a numpy
+view of the tensor (no copy for a contiguous CPU tensor), received as numpy-constructed views of the
+one receive buffer. Measured in a warm loop on the 2-core VM, send + receive of a 1-row ShardRequest
+went from 85 to 50 us with these views instead of torch.frombuffer / detach / to / contiguous calls.
 
 Header: b"F", type index, tensor count, each tensor's rank, then one struct of the fields in order
 (int: q, float: d, tensor: dtype code B and its dims); or b"P" + pickle of (tensor specs, body).
@@ -15,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import pickle
 import struct
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from cluster.messages import MoeRequest, MoeResult, ShardRequest, ShardResult
@@ -27,6 +32,9 @@ FAST_TYPES = (MoeRequest, MoeResult, ShardRequest, ShardResult)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool,
           torch.float64)
 _DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+          torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
+ALIGN = 16  # tensors start at aligned offsets of the received buffer
 _KINDS = {"int": "i", "float": "f", "torch.Tensor": "t"}
 
 
@@ -58,13 +66,19 @@ class _Unpickler(pickle.Unpickler):
         return self._tensors[pid]
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
-
-
-def numpy_view(t: torch.Tensor) -> Any:
-    """A buffer-protocol view of a contiguous CPU tensor (bf16 has no numpy type: use int16)."""
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """The bytes of `t` as a numpy array sharing its memory when t is already a contiguous CPU
+    tensor (the usual case), else of a host copy. bf16 has no numpy type: it travels as int16."""
+    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
+        t = t.detach().to("cpu").contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _tensor(data: bytearray, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor viewing `data` at `offset` (numpy's constructor is the cheapest view there is)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.ndarray(shape, np.int16, data, offset)).view(torch.bfloat16)
+    return torch.from_numpy(np.ndarray(shape, _NUMPY[dtype], data, offset))
 
 
 @functools.lru_cache(maxsize=256)
@@ -76,46 +90,62 @@ def _format(index: int, ndims: tuple[int, ...]) -> struct.Struct:
     return struct.Struct("".join(parts))
 
 
-def encode(message: Any) -> tuple[bytes, list[torch.Tensor]]:
-    """-> header, tensors (CPU, contiguous) whose raw bytes follow it."""
+def padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def encode(message: Any) -> tuple[bytes, list[np.ndarray]]:
+    """-> header, arrays whose raw bytes follow it (each padded to ALIGN)."""
     fast = _LAYOUTS.get(type(message))
-    tensors: list[torch.Tensor] = []
+    arrays: list[np.ndarray] = []
     if fast is None:
+        tensors: list[torch.Tensor] = []
         body = io.BytesIO()
         _Pickler(body, tensors).dump(message)
-        tensors = [_cpu(t) for t in tensors]
+        arrays = [host_array(t) for t in tensors]
         specs = [(t.dtype, tuple(t.shape)) for t in tensors]
-        return b"P" + pickle.dumps((specs, body.getvalue()), protocol=pickle.HIGHEST_PROTOCOL), tensors
+        return b"P" + pickle.dumps((specs, body.getvalue()), protocol=pickle.HIGHEST_PROTOCOL), arrays
     index, layout = fast
     values: list[Any] = []
+    ndims = []
     for name, kind in layout:
         value = getattr(message, name)
         if kind == "t":
-            value = _cpu(value)
-            tensors.append(value)
+            shape = value.shape
             values.append(_DTYPE_CODE[value.dtype])
-            values.extend(value.shape)
+            values.extend(shape)
+            ndims.append(len(shape))
+            arrays.append(host_array(value))
         else:
             values.append(value)
-    ndims = tuple(t.dim() for t in tensors)
-    return bytes((70, index, len(ndims), *ndims)) + _format(index, ndims).pack(*values), tensors  # 70 = "F"
+    ranks = tuple(ndims)
+    return bytes((70, index, len(ranks), *ranks)) + _format(index, ranks).pack(*values), arrays  # 70 = "F"
 
 
-def decode(header: bytes, read_tensor: Callable[[torch.dtype, tuple[int, ...]], torch.Tensor]) -> Any:
-    """Rebuild a message; `read_tensor` gives the next tensor of the body."""
-    if header[:1] == b"P":
-        specs, body = pickle.loads(header[1:])
-        tensors = [read_tensor(dtype, shape) for dtype, shape in specs]
+def decode(data: bytearray, header_len: int) -> Any:
+    """Rebuild a message from one received buffer: header, then the tensors' padded bytes. The
+    tensors view `data` (no copy)."""
+    offset = header_len
+    if data[0] == 80:  # "P"
+        specs, body = pickle.loads(memoryview(data)[1:header_len])
+        tensors = []
+        for dtype, shape in specs:
+            tensors.append(_tensor(data, offset, dtype, shape))
+            offset += padded(math.prod(shape) * dtype.itemsize)
         return _Unpickler(io.BytesIO(body), tensors).load()
-    index, count = header[1], header[2]
-    ndims = tuple(header[3:3 + count])
-    values = iter(_format(index, ndims).unpack_from(header, 3 + count))
+    index, count = data[1], data[2]
+    ndims = tuple(data[3:3 + count])
+    values = _format(index, ndims).unpack_from(data, 3 + count)
     cls = FAST_TYPES[index]
-    fields, ranks = {}, iter(ndims)
-    for name, kind in _LAYOUTS[cls][1]:
+    fields, i, ranks = [], 0, iter(ndims)
+    for _, kind in _LAYOUTS[cls][1]:
         if kind == "t":
-            dtype = DTYPES[next(values)]
-            fields[name] = read_tensor(dtype, tuple(next(values) for _ in range(next(ranks))))
+            dtype, rank = DTYPES[values[i]], next(ranks)
+            shape = values[i + 1:i + 1 + rank]
+            i += 1 + rank
+            fields.append(_tensor(data, offset, dtype, shape))
+            offset += padded(math.prod(shape) * dtype.itemsize)
         else:
-            fields[name] = next(values)
-    return cls(**fields)
+            fields.append(values[i])
+            i += 1
+    return cls(*fields)

@@ -82,7 +82,7 @@ class ShardRequest:
     x: torch.Tensor  # [R, H] the distinct token rows this shard needs
     token_index: torch.Tensor  # [N] row of x for each assignment
     expert_ids: torch.Tensor  # [N] global expert id of each assignment (inside the shard's range)
-    gates: torch.Tensor  # [N] routing weight of each assignment
+    gates: torch.Tensor  # [N] fp32 routing weight of each assignment (exact: the router computes it in the model dtype)
 
 
 @dataclass

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from cluster.config import ReplicaSpec, RouterSpec, ShardSpec
+from cluster.dispatch import plan_dispatch
 from cluster.messages import (MoeRequest, MoeResult, ReplicaStep, RouterStep, ShardRequest, ShardResult, StepResult,
                               Stop)
 from cluster.stats import Histogram
@@ -101,9 +103,9 @@ class Router:
             self.routers = load_routers(ckpt, self.dtype)
         move_to(self.routers, self.device)
         self.bounds = spec.shard_bounds
-        self._starts = torch.tensor([a for a, _ in self.bounds], device=self.device)
+        self._starts = np.array([a for a, _ in self.bounds])
         cfg = self.config
-        self.expert_tokens = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)  # routed counts
+        self.expert_tokens = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)  # routed counts
         self.shard_compute_s = [0.0] * len(self.bounds)
         self.shard_calls = [0] * len(self.bounds)
         self.shard_step = [Histogram() for _ in self.bounds]  # compute time per call, per shard
@@ -122,33 +124,29 @@ class Router:
         """t [T, H] -> MoE output [T, H]: route, send each shard its assignments, combine."""
         k = self.config.experts_per_token
         expert_ids, gates = route(t, self.routers[layer], k)  # [T, K]
-        flat_ids, flat_gates = expert_ids.flatten(), gates.flatten()  # [T*K] token-major
-        self.expert_tokens[layer] += torch.bincount(flat_ids.cpu(), minlength=self.config.num_experts)
-        token_index = torch.arange(t.shape[0], device=t.device).repeat_interleave(k)
-        shard_of = torch.bucketize(flat_ids, self._starts, right=True) - 1  # [T*K]
-        order = torch.argsort(shard_of, stable=True)  # assignments grouped by shard, token order kept
-        counts = torch.bincount(shard_of, minlength=len(self.bounds)).tolist()
+        ids = expert_ids.cpu().numpy()  # [T, K] the host needs them to count and to size messages
+        self.expert_tokens[layer] += np.bincount(ids.reshape(-1), minlength=self.config.num_experts)
+        flat_gates = gates.to(torch.float32).reshape(-1).cpu().numpy()  # [T*K] exact: shards use fp32 gates
         pending = []
-        for s, mine in enumerate(torch.split(order, counts)):
-            if mine.numel() == 0:
-                continue
-            # mine is in token order, so each token's rows are adjacent: send each row once
-            rows, inverse = torch.unique_consecutive(token_index[mine], return_inverse=True)
-            request = ShardRequest(step_id, layer, t[rows], inverse, flat_ids[mine], flat_gates[mine])
+        for a in plan_dispatch(ids, self._starts):
+            rows = torch.from_numpy(a.rows).to(t.device)
+            request = ShardRequest(step_id, layer, t[rows], torch.from_numpy(a.token_index),
+                                   torch.from_numpy(a.expert_ids), torch.from_numpy(flat_gates[a.slots]))
             sent = time.perf_counter()
-            ep.send(shard_name(s), request)
+            ep.send(shard_name(a.shard), request)
             self._comm_s += time.perf_counter() - sent
-            pending.append((s, mine))
-        weighted = torch.zeros(flat_ids.shape[0], t.shape[1], dtype=torch.float32, device=t.device)
+            pending.append(a)
+        weighted = torch.empty(ids.size, t.shape[1], dtype=torch.float32, device=t.device)  # every slot is filled
         slowest = 0.0
-        for s, mine in pending:  # all shards compute in parallel; collect in shard order
+        for a in pending:  # all shards compute in parallel; collect in shard order
+            s = a.shard
             waited = time.perf_counter()
             result: ShardResult = ep.recv(shard_name(s))
             self._comm_s += time.perf_counter() - waited
             slowest = max(slowest, result.compute_s)
             if (result.step_id, result.layer) != (step_id, layer):
                 raise RuntimeError(f"shard {s} answered step {result.step_id} layer {result.layer}")
-            weighted[mine] = result.weighted.to(t.device)
+            weighted[torch.from_numpy(a.slots).to(t.device)] = result.weighted.to(t.device)
             self.shard_compute_s[s] += result.compute_s
             self.shard_calls[s] += 1
             self.shard_step[s].observe(result.compute_s)

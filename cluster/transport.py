@@ -17,7 +17,6 @@ other pairs TCP (channels.py has the measurements behind that choice).
 
 from __future__ import annotations
 
-import math
 import select
 import socket
 import struct
@@ -26,22 +25,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from cluster.channels import ByteStream, ShmRing, StreamClosed, StreamTimeout, TcpStream
-from cluster.codec import numpy_view, decode, encode
+from cluster.codec import ALIGN, decode, encode, padded
 
 __all__ = ["Endpoint", "PlaneSpec", "ChannelSpec", "StreamClosed", "StreamTimeout", "plan_channels"]
 
 _PREFIX = struct.Struct("<QQ")  # header length, body length
 _HELLO = struct.Struct("<256s")
-_ALIGN = 16  # tensors start at aligned offsets of the received buffer
-_PAD = bytes(_ALIGN)
+_PAD = bytes(ALIGN)
 SMALL_MESSAGE = 64 << 10
-
-
-def _padded(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
 
 
 @dataclass(frozen=True)
@@ -67,13 +59,6 @@ def plan_channels(prefix: str, pairs: list[tuple[str, str]], nodes: dict[str, st
         kind = "tcp" if force_tcp or nodes[src] != nodes[dst] else "shm"
         channels.append(ChannelSpec(src, dst, kind, f"{prefix}{src}-{dst}"))
     return PlaneSpec(prefix, tuple(channels), ring_bytes)
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor (empty tensors have none)."""
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 class Endpoint:
@@ -137,27 +122,26 @@ class Endpoint:
 
     # -- messages --------------------------------------------------------------------------------
     def send(self, peer: str, message: Any, timeout: float | None = None) -> None:
-        header, tensors = encode(message)
-        sizes = [t.numel() * t.element_size() for t in tensors]
-        body = sum(_padded(n) for n in sizes)
+        header, arrays = encode(message)
+        body = sum(padded(a.nbytes) for a in arrays)
         stream = self._stream(self._out, peer)
         deadline = None if timeout is None else time.monotonic() + timeout
         prefix = _PREFIX.pack(len(header), body)
         if body <= SMALL_MESSAGE:  # one write: a copy of a few KB costs less than more calls
             parts = [prefix, header]
-            for t, n in zip(tensors, sizes):
-                if n:
-                    parts.append(numpy_view(t))
-                if n % _ALIGN:
-                    parts.append(_PAD[:_padded(n) - n])
+            for a in arrays:
+                parts.append(a)
+                if a.nbytes % ALIGN:
+                    parts.append(_PAD[:padded(a.nbytes) - a.nbytes])
             stream.write(memoryview(b"".join(parts)), deadline, self._stop)
             return
         stream.write(memoryview(prefix + header), deadline, self._stop, last=False)
-        for i, (t, n) in enumerate(zip(tensors, sizes)):
-            last = i == len(tensors) - 1
-            stream.write(_bytes_of(t), deadline, self._stop, last=last and n == _padded(n))
-            if n != _padded(n):
-                stream.write(memoryview(_PAD[:_padded(n) - n]), deadline, self._stop, last=last)
+        for i, a in enumerate(arrays):
+            n, last = a.nbytes, i == len(arrays) - 1
+            if n:
+                stream.write(memoryview(a.reshape(-1)).cast("B"), deadline, self._stop, last=last and n % ALIGN == 0)
+            if n % ALIGN:
+                stream.write(memoryview(_PAD[:padded(n) - n]), deadline, self._stop, last=last)
 
     def recv(self, peer: str, timeout: float | None = None) -> Any:
         stream = self._stream(self._in, peer)
@@ -167,18 +151,7 @@ class Endpoint:
         header_len, body = _PREFIX.unpack(prefix)
         data = bytearray(header_len + body)
         stream.readinto(memoryview(data), deadline, self._stop)
-        offset = header_len
-
-        def read_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-            nonlocal offset
-            count = math.prod(shape)
-            if count == 0:
-                return torch.empty(shape, dtype=dtype)
-            t = torch.frombuffer(data, dtype=dtype, count=count, offset=offset).view(shape)
-            offset += _padded(count * t.element_size())
-            return t
-
-        return decode(bytes(data[:header_len]), read_tensor)
+        return decode(data, header_len)
 
     def send_bytes(self, peer: str, data: memoryview, timeout: float | None = None) -> None:
         """Raw bytes, no framing: for measuring the channel itself."""

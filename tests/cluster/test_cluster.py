@@ -65,6 +65,13 @@ def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -
     assert owned == list(range(cluster.model_config.num_experts))
 
 
+def test_running_cluster_leaves_no_names_in_dev_shm(cluster: Engine) -> None:
+    """Every ring is connected and unnamed, so killing any process (SIGKILL included) cannot leak one."""
+    uid = cluster.executor._uid
+    assert cluster.generate([prompts()[0]], SamplingParams(max_tokens=2, temperature=0.0), timeout=60)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"gptoss-{uid}-")]
+
+
 def test_router_counts_every_routed_token(cluster: Engine) -> None:
     before = sum(cluster.executor.stats()["router"]["expert_tokens"])
     out = cluster.generate([prompts()[1]], SamplingParams(max_tokens=3, temperature=0.0))[0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.channels import SHM_DIR, StreamClosed, StreamTimeout, remove_rings
-from cluster.messages import ChunkPlan, MoeRequest, ReplicaStep, ShardRequest, ShardResult
+from cluster.messages import ChunkPlan, MoeRequest, MoeResult, ReplicaStep, ShardRequest, ShardResult
 from cluster.transport import Endpoint, plan_channels
 from model_shards.sampling import SamplingParams
 
@@ -27,6 +27,8 @@ def pair(request: pytest.FixtureRequest):
     t.start()
     a.connect(spec, addresses)
     t.join()
+    # connected shm rings have no names left: a process killed now leaves nothing in /dev/shm
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
     yield a, b
     a.close()
     b.close()
@@ -61,6 +63,25 @@ def test_messages_round_trip(pair: tuple[Endpoint, Endpoint]) -> None:
         got = b.recv("a", timeout=10)
         sender.join()
         _same(message, got)
+
+
+def test_tensors_that_are_not_plain_contiguous_cpu_ones(pair: tuple[Endpoint, Endpoint]) -> None:
+    a, b = pair
+    strided = torch.randn(5, 3).t()  # not contiguous: sent as a copy
+    a.send("b", MoeResult(1, 2, strided))
+    got = b.recv("a", timeout=5)
+    assert got.y.shape == (3, 5) and torch.equal(got.y, strided)
+    grad = torch.randn(2, 4, requires_grad=True)
+    a.send("b", ShardResult(3, 4, grad, 0.5))
+    assert torch.equal(b.recv("a", timeout=5).weighted, grad.detach())
+    # the pickled path carries tensors out of band too, in any dtype, empty ones included
+    loose = {"bf16": torch.randn(3, 2).to(torch.bfloat16), "i32": torch.arange(7, dtype=torch.int32),
+             "empty": torch.zeros(0, 4), "mask": torch.tensor([True, False]), "n": 5}
+    a.send("b", loose)
+    got = b.recv("a", timeout=5)
+    assert got["n"] == 5
+    for key in ("bf16", "i32", "empty", "mask"):
+        assert got[key].dtype == loose[key].dtype and torch.equal(got[key], loose[key]), key
 
 
 def test_wait_any_does_not_consume(pair: tuple[Endpoint, Endpoint]) -> None:
