@@ -1,6 +1,8 @@
-"""The raw transport hop, measured between the engine's process and one actor, on the same kind
-of channel the cluster uses: bare bytes (the channel's floor) and framed messages (what the data
-plane's send/recv adds: pickling the header, allocating the received tensor)."""
+"""The raw transport hop, measured between the engine's process and actors, on the same kind of
+channel the cluster uses: bare bytes (the channel's floor), framed messages (what the data plane's
+send/recv adds: the header, the received tensor), and the bare four-hop path a layer takes
+(engine -> relay -> echo -> relay -> engine, shaped like replica -> router -> shard -> router ->
+replica, with no compute anywhere): the floor under one layer's data plane."""
 
 from __future__ import annotations
 
@@ -19,30 +21,41 @@ from cluster.roles import ENGINE
 from cluster.transport import Endpoint, PlaneSpec, plan_channels
 
 ECHO = "echo"
+RELAY = "relay"
 
 
 class EchoPeer:
-    """Sends back whatever the engine sends it."""
+    """Sends back whatever it receives; as the relay, passes it on to the echo and back first."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = ECHO) -> None:
+        self.name = name
         self.endpoint: Endpoint | None = None
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def listen(self, plane: PlaneSpec) -> dict[str, Any]:
-        self.endpoint = Endpoint(ECHO, host=ray.util.get_node_ip_address())
+        self.endpoint = Endpoint(self.name, host=ray.util.get_node_ip_address())
         return self.endpoint.listen(plane)
 
     def connect(self, plane: PlaneSpec, addresses: dict[str, Any]) -> None:
         assert self.endpoint is not None
         self.endpoint.connect(plane, addresses)
 
-    def echo_bytes(self, nbytes: int, count: int) -> None:
+    def echo_bytes(self, nbytes: int, count: int, peer: str = ENGINE) -> None:
+        assert self.endpoint is not None
+        buf = memoryview(bytearray(nbytes))
+        for _ in range(count):
+            self.endpoint.recv_bytes_into(peer, buf)
+            self.endpoint.send_bytes(peer, buf)
+
+    def relay_bytes(self, nbytes: int, count: int) -> None:
         assert self.endpoint is not None
         buf = memoryview(bytearray(nbytes))
         for _ in range(count):
             self.endpoint.recv_bytes_into(ENGINE, buf)
+            self.endpoint.send_bytes(ECHO, buf)
+            self.endpoint.recv_bytes_into(ECHO, buf)
             self.endpoint.send_bytes(ENGINE, buf)
 
     def echo_messages(self, count: int) -> None:
@@ -61,19 +74,30 @@ class HopRow:
     payload_bytes: int
     raw_us: float  # one-way, bare bytes (median round trip / 2)
     framed_us: float  # one-way, a MoeRequest through send/recv
+    layer_path_us: float  # bare bytes through the four hops of a layer, end to end
 
 
-def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: int = 200) -> list[HopRow]:
+def _median_us(samples: list[float], per: int = 1) -> float:
+    return statistics.median(samples) / per * 1e6
+
+
+def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: int = 200,
+                 rounds: int = 3) -> list[HopRow]:
     from cluster.actors import RemoteEcho
 
-    peer = RemoteEcho.options(num_cpus=0).remote()
-    nodes = {ENGINE: ray.get_runtime_context().get_node_id(), ECHO: ray.get(peer.node.remote())}
+    peers = {name: RemoteEcho.options(num_cpus=0).remote(name) for name in (ECHO, RELAY)}
+    nodes = {ENGINE: ray.get_runtime_context().get_node_id(),
+             **{name: ray.get(p.node.remote()) for name, p in peers.items()}}
     prefix = f"gptoss-hop-{uuid.uuid4().hex[:8]}-"
-    plane = plan_channels(prefix, [(ENGINE, ECHO), (ECHO, ENGINE)], nodes, 8 << 20, force_tcp=transport == "tcp")
+    pairs = [(ENGINE, ECHO), (ECHO, ENGINE), (ENGINE, RELAY), (RELAY, ENGINE), (RELAY, ECHO), (ECHO, RELAY)]
+    plane = plan_channels(prefix, pairs, nodes, 8 << 20, force_tcp=transport == "tcp")
     endpoint = Endpoint(ENGINE, host=ray.util.get_node_ip_address())
+    echo, relay = peers[ECHO], peers[RELAY]
     try:
-        addresses = {**endpoint.listen(plane), **ray.get(peer.listen.remote(plane))}
-        connecting = peer.connect.remote(plane, addresses)
+        addresses = endpoint.listen(plane)
+        for part in ray.get([p.listen.remote(plane) for p in peers.values()]):
+            addresses.update(part)
+        connecting = [p.connect.remote(plane, addresses) for p in peers.values()]
         endpoint.connect(plane, addresses)
         ray.get(connecting)
         out = []
@@ -81,26 +105,41 @@ def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: i
             payload = torch.randn(n, hidden)
             view = memoryview(payload.numpy()).cast("B")
             back = memoryview(bytearray(len(view)))
-            running = peer.echo_bytes.remote(len(view), count)
-            raw = []
-            for _ in range(count):
-                start = time.perf_counter()
-                endpoint.send_bytes(ECHO, view)
-                endpoint.recv_bytes_into(ECHO, back)
-                raw.append(time.perf_counter() - start)
-            ray.get(running)
-            running = peer.echo_messages.remote(count)
-            framed = []
-            for _ in range(count):
-                start = time.perf_counter()
-                endpoint.send(ECHO, MoeRequest(0, 0, payload))
-                endpoint.recv(ECHO)
-                framed.append(time.perf_counter() - start)
-            ray.get(running)
-            out.append(HopRow(n, len(view), statistics.median(raw) / 2 * 1e6, statistics.median(framed) / 2 * 1e6))
+
+            def timed(target: str) -> list[float]:
+                samples = []
+                for _ in range(count):
+                    start = time.perf_counter()
+                    endpoint.send_bytes(target, view)
+                    endpoint.recv_bytes_into(target, back)
+                    samples.append(time.perf_counter() - start)
+                return samples
+
+            # each quantity is the lowest median of `rounds` interleaved rounds: a floor, which a
+            # burst of other work on a small machine would otherwise lift for a whole round
+            raw, framed, path = [], [], []
+            for _ in range(rounds):
+                running = echo.echo_bytes.remote(len(view), count)
+                raw.append(_median_us(timed(ECHO), 2))
+                ray.get(running)
+                running = [relay.relay_bytes.remote(len(view), count),
+                           echo.echo_bytes.remote(len(view), count, RELAY)]
+                path.append(_median_us(timed(RELAY)))
+                ray.get(running)
+                running = echo.echo_messages.remote(count)
+                samples = []
+                for _ in range(count):
+                    start = time.perf_counter()
+                    endpoint.send(ECHO, MoeRequest(0, 0, payload))
+                    endpoint.recv(ECHO)
+                    samples.append(time.perf_counter() - start)
+                framed.append(_median_us(samples, 2))
+                ray.get(running)
+            out.append(HopRow(n, len(view), min(raw), min(framed), min(path)))
         return out
     finally:
         endpoint.close()
-        ray.get(peer.close.remote())
-        ray.kill(peer)
+        ray.get([p.close.remote() for p in peers.values()])
+        for p in peers.values():
+            ray.kill(p)
         remove_rings(prefix)

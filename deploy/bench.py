@@ -51,8 +51,10 @@ def report(rows: list[DecodeRow], hops: list[HopRow], extra: dict[str, Any]) -> 
                      f"{_us(r.router_us_per_layer):>7} {_us(r.shard_us_per_layer):>7} "
                      f"{_us(r.data_plane_us_per_layer):>20}")
     if hops:
-        lines += ["", f"{'hop rows':>8} {'bytes':>10} {'raw one-way us':>15} {'framed one-way us':>18}"]
-        lines += [f"{h.rows:>8} {h.payload_bytes:>10} {h.raw_us:>15.1f} {h.framed_us:>18.1f}" for h in hops]
+        lines += ["", f"{'hop rows':>8} {'bytes':>10} {'raw one-way us':>15} {'framed one-way us':>18} "
+                      f"{'raw 4-hop layer path us':>24}"]
+        lines += [f"{h.rows:>8} {h.payload_bytes:>10} {h.raw_us:>15.1f} {h.framed_us:>18.1f} {h.layer_path_us:>24.1f}"
+                  for h in hops]
     overhead = extra.get("cluster_overhead")
     if overhead:
         lines += ["", f"{'batch':>5} {'cluster - local ms/step':>24} {'per layer us':>13}"]

@@ -128,6 +128,7 @@ def test_bench_local_and_cluster_in_one_run(ray_session, tiny_hf: Path, capsys: 
     assert all(r["router_us_per_layer"] > 0 and r["shard_us_per_layer"] > 0 for r in cluster_rows)
     assert [h["rows"] for h in report["hops"]] == [1, 4]
     assert all(0 < h["raw_us"] and 0 < h["framed_us"] for h in report["hops"])
+    assert all(h["layer_path_us"] > 2 * h["raw_us"] for h in report["hops"])  # four hops take longer than one
     assert [o["batch_size"] for o in report["cluster_overhead"]] == [1, 4]
 
 
