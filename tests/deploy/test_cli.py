@@ -117,6 +117,22 @@ def test_generate_on_the_cluster_engine(ray_session, tiny_hf: Path, vocab: Path,
     assert sorted(a["experts"] for a in topology if a["role"] == "expert_shard") == [[0, 5], [5, 10], [10, 16]]
 
 
+def test_cluster_engine_joins_an_existing_ray_cluster(ray_session, tiny_hf: Path, vocab: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--ray-address: a separate process puts its actors on this session's running Ray."""
+    common = ["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "4", "--temperature", "0",
+              "--dtype", "float32", "--json"]
+    assert main(common) == 0
+    local = last_json(capsys.readouterr().out)
+    address = ray_session.get_runtime_context().gcs_address
+    run = gptoss(*common, "--engine", "cluster", "--expert-shards", "2", "--ray-address", address)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = last_json(run.stdout)
+    assert out["token_ids"] == local["token_ids"]
+    node = ray_session.get_runtime_context().get_node_id()
+    assert len(out["topology"]) == 4 and all(a["node"] == node for a in out["topology"])
+
+
 def test_bench_local_and_cluster_in_one_run(ray_session, tiny_hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--model", str(tiny_hf), "--engine", "local,cluster", "--expert-shards", "2",
                  "--batch-sizes", "1,4", "--steps", "3", "--input-len", "8", "--dtype", "float32"]) == 0
