@@ -101,12 +101,17 @@ def test_bench_prints_a_table_and_one_json_line(tiny_hf: Path, capsys: pytest.Ca
     assert report["roofline_batch1_tokens_per_s"] > 0 and report["machine"]["cpus"] >= 1
 
 
+def greedy_local(model: Path, max_tokens: int, capsys: pytest.CaptureFixture[str]) -> tuple[list[str], dict]:
+    """The float32 greedy generate arguments, and the local engine's JSON for them."""
+    common = ["generate", "--model", str(model), "--prompt-ids", PROMPT, "--max-tokens", str(max_tokens),
+              "--temperature", "0", "--dtype", "float32", "--json"]
+    assert main(common) == 0
+    return common, last_json(capsys.readouterr().out)
+
+
 def test_generate_on_the_cluster_engine(ray_session, tiny_hf: Path, vocab: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "6", "--temperature", "0",
-              "--dtype", "float32", "--json"]
-    assert main(common) == 0
-    local = last_json(capsys.readouterr().out)
+    common, local = greedy_local(tiny_hf, 6, capsys)
     assert main(common + ["--engine", "cluster", "--attention-replicas", "2", "--expert-shards", "3"]) == 0
     out = last_json(capsys.readouterr().out)
     assert out["token_ids"] == local["token_ids"]
@@ -120,10 +125,7 @@ def test_generate_on_the_cluster_engine(ray_session, tiny_hf: Path, vocab: Path,
 def test_cluster_engine_joins_an_existing_ray_cluster(ray_session, tiny_hf: Path, vocab: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """--ray-address: a separate process puts its actors on this session's running Ray."""
-    common = ["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "4", "--temperature", "0",
-              "--dtype", "float32", "--json"]
-    assert main(common) == 0
-    local = last_json(capsys.readouterr().out)
+    common, local = greedy_local(tiny_hf, 4, capsys)
     address = ray_session.get_runtime_context().gcs_address
     run = gptoss(*common, "--engine", "cluster", "--expert-shards", "2", "--ray-address", address)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
