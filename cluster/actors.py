@@ -1,4 +1,4 @@
-"""The one place where Ray wraps plain classes into actors (the roles, and the hop probe).
+"""The one place where Ray wraps the roles into actors.
 
 A `PlaneMember` holds one role object (roles.py) and its data-plane endpoint. Its `serve` method
 runs the role's loop and only returns when the loop ends, so the engine learns of a dead actor or
@@ -9,32 +9,21 @@ a crashed loop from that call's object ref, without polling. The actor is thread
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import ray
 import torch
 
-from cluster.config import ReplicaSpec, RouterSpec, ShardSpec
-from cluster.hop import EchoPeer
 from cluster.messages import ActorInfo
-from cluster.roles import ROLES, ROUTER, replica_name, shard_name
-from cluster.transport import Endpoint, PlaneSpec, StreamClosed
-
-Spec = ReplicaSpec | RouterSpec | ShardSpec
-
-
-def member_name(role: str, index: int) -> str:
-    if role == "attention_replica":
-        return replica_name(index)
-    if role == "expert_shard":
-        return shard_name(index)
-    return ROUTER
+from cluster.names import member_name
+from cluster.roles import Role, Spec, make_role
+from cluster.telemetry import ReplicaStats, RouterStats, ShardStats
+from cluster.transport import Address, Endpoint, PlaneSpec, StreamClosed
 
 
 class PlaneMember:
     def __init__(self, role: str, spec: Spec, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
-        self.obj = ROLES[role](spec)
+        self.obj: Role = make_role(role, spec)
         self.name = member_name(role, self.obj.index)
         self.endpoint: Endpoint | None = None
         self._stopping = False
@@ -43,29 +32,31 @@ class PlaneMember:
         return os.getpid()
 
     def info(self) -> ActorInfo:
-        experts = list(self.obj.spec.experts) if self.obj.role == "expert_shard" else None
+        experts = list(self.obj.experts) if self.obj.experts is not None else None
         return ActorInfo(self.obj.role, self.obj.index, os.getpid(), ray.get_runtime_context().get_node_id(),
                          str(self.obj.device), experts)
 
-    def listen(self, plane: PlaneSpec) -> dict[str, Any]:
+    def listen(self, plane: PlaneSpec) -> dict[str, Address]:
         if self.endpoint is not None:
             self.endpoint.close()
         self.endpoint = Endpoint(self.name, host=ray.util.get_node_ip_address())
         return self.endpoint.listen(plane)
 
-    def connect(self, plane: PlaneSpec, addresses: dict[str, Any]) -> None:
+    def connect(self, plane: PlaneSpec, addresses: dict[str, Address]) -> None:
         assert self.endpoint is not None
         self.endpoint.connect(plane, addresses)
         self._stopping = False
 
     def serve(self) -> str:
+        """Runs the role's loop; returns "stopped" once `stop` ended it (anything else is a failure)."""
         assert self.endpoint is not None
         try:
-            return self.obj.serve(self.endpoint)
+            self.obj.serve(self.endpoint)
         except StreamClosed:
             if self._stopping:
                 return "stopped"
             raise
+        return "ended"
 
     def stop(self) -> None:
         self._stopping = True
@@ -75,9 +66,8 @@ class PlaneMember:
     def reset(self) -> None:
         self.obj.reset()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ReplicaStats | RouterStats | ShardStats:
         return self.obj.stats()
 
 
 RemoteMember = ray.remote(max_concurrency=4)(PlaneMember)
-RemoteEcho = ray.remote(EchoPeer)

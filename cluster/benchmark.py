@@ -8,7 +8,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -47,10 +46,6 @@ def _release_steps(seqs: list[tuple[int, int]], step_id: int) -> dict[int, Repli
     return {r: ReplicaStep(step_id, [s for s, owner in seqs if owner == r], []) for r in replicas}
 
 
-def _router(stats: dict[str, Any]) -> dict[str, float]:
-    return stats.get("router", {}) if isinstance(stats.get("router"), dict) else {}
-
-
 def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: int, steps: int, warmup: int = 2,
                  seed: int = 0) -> list[DecodeRow]:
     cfg = ex.config
@@ -66,29 +61,33 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
         prefill = time.perf_counter() - start
         last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
         times, waits = [], []
-        before: dict[str, float] = {}
-        for i in range(warmup + steps):
-            if i == warmup:
-                before = _router(ex.stats())
+
+        def decode(i: int) -> None:
+            nonlocal step_id, last
             step_id += 1
             start = time.perf_counter()
             results = ex.execute(_chunk_steps(seqs, last, input_len + i, step_id, 0))
-            elapsed = time.perf_counter() - start
+            times.append(time.perf_counter() - start)
+            waits.append(min(r.moe_wait_s for r in results.values()))  # the least-skewed replica
             last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
-            if i >= warmup:
-                times.append(elapsed)
-                waits.append(min(r.moe_wait_s for r in results.values()))  # the least-skewed replica
-        after = _router(ex.stats())
+
+        for i in range(warmup):
+            decode(i)
+        del times[:], waits[:]
+        before = ex.stats().router
+        for i in range(warmup, warmup + steps):
+            decode(i)
+        after = ex.stats().router
         step_id += 1
         ex.execute(_release_steps(seqs, step_id))
         p50 = statistics.median(times)
         row = DecodeRow(label, b, prefill * 1e3, p50 * 1e3, sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, b / p50)
         layers = steps * cfg.num_hidden_layers
-        if after and sum(waits) > 0:
+        if sum(waits) > 0:  # the cluster: the MoE was waited for, not computed in process
             # median wait per step (scheduling hiccups on a busy machine skew a mean), against the
             # mean compute of the router and of the slowest shard
-            routing = (after["route_s"] - before["route_s"]) / layers
-            shard = (after["shard_max_s"] - before["shard_max_s"]) / layers
+            routing = (after.route_s - before.route_s) / layers
+            shard = (after.shard_max_s - before.shard_max_s) / layers
             wait = statistics.median(waits) / cfg.num_hidden_layers
             row.moe_wait_us_per_layer = wait * 1e6
             row.data_plane_us_per_layer = (wait - routing - shard) * 1e6

@@ -2,10 +2,10 @@
 
 Ray is the control plane: it places the actors (one placement group), restarts them when they die
 (`max_restarts`; a restarted actor reloads its slice in __init__), and carries the rare setup calls.
-Per step, the engine's own endpoint sends each busy replica its `ReplicaStep` and the router a
-`RouterStep`, then waits for the replicas' `StepResult`s: one round of messages per step, none per
-layer. While waiting it watches every actor's `serve` call, so a death is noticed at once, and a step
-that outlives `step_timeout_s` counts as a hung actor.
+Per step, the engine's own endpoint sends the step's first messages and waits for the replicas'
+`StepResult`s (the sequence is written down in messages.py): one round of messages per step, none per
+layer through Ray. While waiting it watches every actor's `serve` call, so a death is noticed at once,
+and a step that outlives `step_timeout_s` counts as a hung actor.
 
 Recovery stops every loop, kills what does not answer (a hung process), waits for Ray to bring dead
 actors back, empties the replicas' KV caches and builds a fresh data plane (a new epoch of channels).
@@ -16,19 +16,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import RemoteMember, member_name
+from cluster.actors import RemoteMember
 from cluster.channels import remove_rings
 from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec, expert_bounds
 from cluster.executor import Executor, ExecutorFailure
 from cluster.messages import ActorInfo, ReplicaStep, RouterStep, StepResult
+from cluster.names import ENGINE, REPLICA_ROLE, ROUTER, ROUTER_ROLE, SHARD_ROLE, replica_name, shard_name
 from cluster.placement import bundle, connect_ray, release, reserve
-from cluster.roles import ENGINE, ROUTER, replica_name, shard_name
+from cluster.roles import Spec
+from cluster.telemetry import ExecutorStats
 from cluster.transport import Endpoint, StreamClosed, StreamTimeout, plan_channels
 
 log = logging.getLogger(__name__)
@@ -37,36 +38,37 @@ STOP_TIMEOUT_S = 5.0  # an actor that cannot acknowledge `stop` within this is t
 
 
 class ClusterExecutor(Executor):
-    def __init__(self, source: ModelSource, cluster: ClusterConfig, kv: KVSpec) -> None:
+    def __init__(self, source: ModelSource, cluster: ClusterConfig, kv: KVSpec, keep_mxfp4: bool = False,
+                 ray_address: str | None = None) -> None:
         self.source, self.cluster, self.kv = source, cluster, kv
         self.config = source.config()
         self.num_replicas = cluster.attention_replicas
-        self.bounds = expert_bounds(self.config.num_experts, cluster.expert_shards, cluster.expert_bounds)
+        self.bounds = expert_bounds(self.config.num_experts, cluster.expert_shards, cluster.expert_split)
         self._uid = uuid.uuid4().hex[:8]
         self._epoch = 0
         self.endpoint: Endpoint | None = None
         self.restarts = 0
 
         c = cluster
-        members: list[tuple[str, Any, float, dict[str, float]]] = [
-            ("attention_replica", ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
+        members: list[tuple[str, str, Spec, float, dict[str, float]]] = [  # name, role, spec, GPUs, resources
+            (replica_name(i), REPLICA_ROLE, ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
              c.gpus_per_attention_replica, c.attention_replica_resources) for i in range(c.attention_replicas)]
-        members.append(("router", RouterSpec(source, self.bounds, c.gpus_per_router > 0), c.gpus_per_router,
-                        c.router_resources))
-        members += [("expert_shard", ShardSpec(source, j, self.bounds[j], c.keep_mxfp4, c.gpus_per_expert_shard > 0),
+        members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, self.bounds, c.gpus_per_router > 0),
+                        c.gpus_per_router, c.router_resources))
+        members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], keep_mxfp4,
+                                                          c.gpus_per_expert_shard > 0),
                      c.gpus_per_expert_shard, c.expert_shard_resources) for j in range(len(self.bounds))]
-        connect_ray(c.ray_address, len(members) * c.cpus_per_actor)
-        self.pg = reserve([bundle(c.cpus_per_actor, g, extra) for _, _, g, extra in members], c.placement_strategy,
+        connect_ray(ray_address, len(members) * c.cpus_per_actor)
+        self.pg = reserve([bundle(c.cpus_per_actor, g, extra) for *_, g, extra in members], c.placement_strategy,
                           c.recovery_timeout_s)
         threads = max(1, int(c.cpus_per_actor))
-        self.names = [member_name(role, spec.index if role != "router" else 0) for role, spec, _, _ in members]
         self.actors = {
             name: RemoteMember.options(
                 num_cpus=c.cpus_per_actor, num_gpus=gpus, resources=extra or None, max_restarts=c.max_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(role, spec, threads)
-            for i, (name, (role, spec, gpus, extra)) in enumerate(zip(self.names, members))
+            for i, (name, role, spec, gpus, extra) in enumerate(members)
         }
         try:
             self._wait_ready(c.recovery_timeout_s)
@@ -195,10 +197,13 @@ class ClusterExecutor(Executor):
     def topology(self) -> list[ActorInfo]:
         return list(self.infos.values())
 
-    def stats(self) -> dict[str, Any]:
-        names = list(self.actors)
-        values = ray.get([self.actors[n].stats.remote() for n in names], timeout=30)
-        return {**dict(zip(names, values)), "recoveries": self.restarts}
+    def stats(self) -> ExecutorStats:
+        replicas = [replica_name(i) for i in range(self.num_replicas)]
+        shards = [shard_name(j) for j in range(len(self.bounds))]
+        names = [*replicas, ROUTER, *shards]
+        values = ray.get([self.actors[n].stats.remote() for n in names], timeout=30)  # in `names` order
+        r = len(replicas)
+        return ExecutorStats(tuple(values[:r]), values[r], tuple(values[r + 1:]), self.restarts)
 
     def shutdown(self) -> None:
         if self.endpoint is not None:

@@ -106,7 +106,7 @@ def encode(message: Any) -> tuple[bytes, list[np.ndarray]]:
         specs = [(t.dtype, tuple(t.shape)) for t in tensors]
         return b"P" + pickle.dumps((specs, body.getvalue()), protocol=pickle.HIGHEST_PROTOCOL), arrays
     index, layout = fast
-    values: list[Any] = []
+    values: list[int | float] = []  # the header struct's fields: ints, floats, dtype codes and dims
     ndims = []
     for name, kind in layout:
         value = getattr(message, name)

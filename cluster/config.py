@@ -1,16 +1,118 @@
-"""Configuration of the cluster and of each actor role (frozen dataclasses, passed to actors)."""
+"""The configuration schema of the engine, and what each actor role is told when it starts.
+
+Three option groups (frozen dataclasses of `option` fields, options.py) hold every default, bound and
+help text: `ModelConfig` (what to load), `EngineConfig` (scheduling and KV), `ClusterConfig` (actors,
+resources, data plane, failures). The CLI's flags and the RayService application args are generated
+from them (deploy/flags.py, deploy/app.py) and the server adds its own group (deploy/config.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from cluster.options import check_options, option
 from model_shards.checkpoint import Checkpoint
 from model_shards.config import GptOssConfig
 from model_shards.hub import resolve_model
 from model_shards.loader import parse_dtype
 
+Resources = dict[str, float]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = option(None, "checkpoint directory or Hugging Face hub id such as openai/gpt-oss-20b "
+                                     "(serve without one: a small random-weight model)")
+    layout: Literal["hf", "original"] | None = option(None, "checkpoint layout (default: detected from the files)")
+    dtype: Literal["float32", "bfloat16"] = option("bfloat16", "weights and activations")
+    expert_weights: Literal["dequantize", "mxfp4"] = option(
+        "dequantize", "dequantize MXFP4 experts at load (fast) or keep them packed and decode on use (4x less memory)")
+    device: str = option("cpu", "torch device of the local engine, e.g. cuda (cluster actors take GPUs through "
+                                "the gpus_per_* fractions)")
+    vocab_dir: str | None = option(None, "directory holding o200k_base.tiktoken, for machines without network")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    @property
+    def keep_mxfp4(self) -> bool:
+        return self.expert_weights == "mxfp4"
+
+    def source(self) -> ModelSource:
+        if not self.model:
+            raise ValueError("no model given (--model)")
+        return ModelSource(self.model, self.dtype, self.layout)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    engine: Literal["local", "cluster"] = option("cluster", "local: the model in this process; cluster: Ray actors")
+    kv_cache_tokens: int = option(65536, "KV positions per attention replica (full-attention layers)", ge=1)
+    block_size: int = option(16, "tokens per KV block", ge=1)
+    max_num_seqs: int = option(64, "running sequences per attention replica", ge=1)
+    max_num_batched_tokens: int = option(2048, "tokens per step over all replicas; longer prefills are chunked", ge=1)
+    max_model_len: int | None = option(None, "prompt + output limit (default: the model's context length)", ge=2)
+    max_waiting: int = option(1024, "queued requests beyond which new ones are refused (HTTP 429)", ge=1)
+    max_attempts: int = option(3, "executor failures a request may live through before it ends with an error",
+                               ge=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one block "
+                             f"({self.block_size} tokens)")
+
+    @property
+    def kv(self) -> KVSpec:
+        return KVSpec(-(-self.kv_cache_tokens // self.block_size), self.block_size, self.max_num_seqs)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    attention_replicas: int = option(1, "attention replicas (data parallel)", ge=1)
+    expert_shards: int = option(1, "expert shards (any number from 1 to the model's experts)", ge=1)
+    expert_split: tuple[int, ...] | None = option(None, "explicit shard boundaries, e.g. 10,20 for 3 shards "
+                                                        "(default: an even split)")
+    gpus_per_attention_replica: float = option(0.0, "GPUs per attention replica (fractions allowed)", ge=0)
+    gpus_per_expert_shard: float = option(0.0, "GPUs per expert shard (fractions allowed)", ge=0)
+    gpus_per_router: float = option(0.0, "GPUs of the router (fractions allowed)", ge=0)
+    cpus_per_actor: float = option(1.0, "CPUs per actor, also its torch threads", gt=0)
+    # Custom Ray resources per role, to place roles on chosen nodes (e.g. a KubeRay worker group that
+    # advertises {"gptoss_experts": 4} takes the expert shards that ask for {"gptoss_experts": 1}).
+    attention_replica_resources: Resources = option({}, "custom Ray resources each attention replica needs")
+    expert_shard_resources: Resources = option({}, "custom Ray resources each expert shard needs")
+    router_resources: Resources = option({}, "custom Ray resources the router needs")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", "how the placement group spreads the actors over nodes")
+    transport: Literal["auto", "shm", "tcp"] = option(
+        "auto", "data plane: shared memory on one node, TCP between nodes (auto picks per pair)")
+    ring_mb: int = option(8, "MiB per shared-memory channel (larger messages stream through it)", ge=1)
+    step_timeout_s: float = option(60.0, "seconds before a step counts as hung", gt=0)
+    recovery_timeout_s: float = option(300.0, "seconds that restarting and reloading actors may take", gt=0)
+    max_restarts: int = option(8, "times Ray restarts each actor", ge=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def expert_bounds(num_experts: int, shards: int, split: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
+    """[a, b) per shard: every expert exactly once. Even split (sizes differ by at most one)
+    unless explicit split points are given."""
+    if not 1 <= shards <= num_experts:
+        raise ValueError(f"expert shards must be between 1 and the number of experts ({num_experts}), not {shards}")
+    if split is None:
+        points = [s * num_experts // shards for s in range(shards + 1)]
+    else:
+        points = [0, *split, num_experts]
+        if len(points) != shards + 1 or any(a >= b for a, b in zip(points, points[1:])):
+            raise ValueError(f"expert split points {split} must be {shards - 1} increasing values in (0, {num_experts})")
+    return tuple(zip(points, points[1:]))
+
+
+# -- what actors are told ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -43,6 +145,10 @@ class KVSpec:
         return self.num_blocks * self.block_size
 
 
+def actor_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     source: ModelSource
@@ -65,54 +171,3 @@ class ShardSpec:
     experts: tuple[int, int]
     keep_mxfp4: bool = False
     use_gpu: bool = False
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    attention_replicas: int = 1
-    expert_shards: int = 1
-    expert_bounds: tuple[int, ...] | None = None  # explicit split points 0 < b1 < ... < E; default: even
-    gpus_per_attention_replica: float = 0.0
-    gpus_per_expert_shard: float = 0.0
-    gpus_per_router: float = 0.0
-    cpus_per_actor: float = 1.0
-    # Custom Ray resources per role, to place roles on chosen nodes (e.g. a KubeRay worker group that
-    # advertises {"gptoss_experts": 4} takes the expert shards that ask for {"gptoss_experts": 1}).
-    attention_replica_resources: dict[str, float] = field(default_factory=dict)
-    expert_shard_resources: dict[str, float] = field(default_factory=dict)
-    router_resources: dict[str, float] = field(default_factory=dict)
-    keep_mxfp4: bool = False
-    transport: str = "auto"  # auto (shm on one node, else tcp) | shm | tcp
-    ring_mb: int = 8  # per shared-memory channel; messages larger than this stream through it
-    step_timeout_s: float = 60.0  # a step that takes longer means a hung actor
-    recovery_timeout_s: float = 300.0  # restarting and reloading actors must finish within this
-    max_restarts: int = 8
-    placement_strategy: str = "PACK"
-    ray_address: str | None = None  # None: start Ray in this process
-
-    def __post_init__(self) -> None:
-        if self.attention_replicas < 1 or self.expert_shards < 1:
-            raise ValueError("need at least one attention replica and one expert shard")
-        if self.transport not in ("auto", "shm", "tcp"):
-            raise ValueError(f"transport must be auto, shm or tcp, not {self.transport!r}")
-        if min(self.gpus_per_attention_replica, self.gpus_per_expert_shard, self.gpus_per_router) < 0:
-            raise ValueError("GPU fractions must be >= 0")
-        if self.step_timeout_s <= 0 or self.cpus_per_actor <= 0:
-            raise ValueError("step_timeout_s and cpus_per_actor must be positive")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                             f"not {self.placement_strategy!r}")
-
-
-def expert_bounds(num_experts: int, shards: int, split: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
-    """[a, b) per shard: every expert exactly once. Even split (sizes differ by at most one)
-    unless explicit split points are given."""
-    if not 1 <= shards <= num_experts:
-        raise ValueError(f"expert shards must be between 1 and the number of experts ({num_experts}), not {shards}")
-    if split is None:
-        points = [s * num_experts // shards for s in range(shards + 1)]
-    else:
-        points = [0, *split, num_experts]
-        if len(points) != shards + 1 or any(a >= b for a, b in zip(points, points[1:])):
-            raise ValueError(f"expert split points {split} must be {shards - 1} increasing values in (0, {num_experts})")
-    return tuple(zip(points, points[1:]))

@@ -22,8 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cluster.config import EngineConfig
 from cluster.executor import Executor, ExecutorFailure
 from cluster.messages import ChunkPlan, ReplicaStep, StepResult
+from cluster.telemetry import EngineLoad
 from model_shards.requests import Completion, InvalidRequest, validate_request
 from model_shards.sampling import SamplingParams, new_seed
 
@@ -36,19 +38,6 @@ class EngineOverloaded(RuntimeError):
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot run requests (it failed to recover, or is shut down)."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 64  # running sequences per attention replica (bounded by its KV slots)
-    max_num_batched_tokens: int = 2048  # tokens per step over all replicas; longer prefills are chunked
-    max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's context length
-    max_waiting: int = 1024  # queued requests beyond which submit() raises EngineOverloaded
-    max_attempts: int = 3  # failures a request may live through before it ends with an error
-
-    def __post_init__(self) -> None:
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting, self.max_attempts) < 1:
-            raise ValueError("engine limits must be positive")
 
 
 @dataclass
@@ -134,9 +123,9 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, executor: Executor, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, executor: Executor, config: EngineConfig | None = None) -> None:
         self.executor = executor
-        self.config = config
+        self.config = config = config or EngineConfig()
         self.model_config = executor.config
         self.kv = executor.kv
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
@@ -197,15 +186,10 @@ class Engine:
         handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
         return [h.result(timeout) for h in handles]
 
-    def times(self, request_id: str) -> RequestTimes | None:
-        seq = self._by_request.get(request_id)
-        return seq.times if seq else None
-
-    def load(self) -> dict[str, float]:
+    def load(self) -> EngineLoad:
         with self._lock:
             used = [1 - f / self.kv.num_blocks for f in self._free_blocks]
-            return {"running": len(self._running), "waiting": len(self._waiting),
-                    "kv_usage": sum(used) / len(used), "steps": self.steps}
+            return EngineLoad(len(self._running), len(self._waiting), sum(used) / len(used), self.steps)
 
     def begin_drain(self) -> int:
         """Refuse new requests from now on; returns how many are still in flight."""

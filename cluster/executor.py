@@ -3,32 +3,35 @@
 - LocalExecutor: the whole model in this process (one attention "replica"); `--engine local`.
 - ClusterExecutor (cluster_executor.py): attention replicas, router and expert shards as Ray actors.
 
-A step is a `ReplicaStep` per busy replica; the answer is a `StepResult` per replica. An executor
-that loses an actor or times out raises `ExecutorFailure`; the engine then calls `recover()`, after
-which every replica's KV cache is empty and in-flight sequences are prefilled again.
+A step is a `ReplicaStep` per busy replica; the answer is a `StepResult` per replica. The failure
+contract is the same for both: any failure of a step (an actor died or hung, the KV cache refused a
+reservation, the device ran out of memory, a bug) raises `ExecutorFailure`; the engine then calls
+`recover()`, after which every replica's KV cache is empty, and prefills in-flight sequences again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from typing import Any
 
 import torch
 
 from cluster.config import KVSpec, ModelSource
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
-from cluster.stats import Histogram
 from cluster.step import run_replica_step
+from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
 from model_shards.loader import load_local_model
 from model_shards.moe import moe_block
 
+log = logging.getLogger(__name__)
+
 
 class ExecutorFailure(RuntimeError):
-    """A step could not complete (an actor died, hung, or raised)."""
+    """A step could not complete (an actor died, hung, or raised; the KV cache or memory ran out)."""
 
 
 class Executor(ABC):
@@ -47,8 +50,8 @@ class Executor(ABC):
     @abstractmethod
     def topology(self) -> list[ActorInfo]: ...
 
-    def stats(self) -> dict[str, Any]:
-        return {}
+    @abstractmethod
+    def stats(self) -> ExecutorStats: ...
 
     def shutdown(self) -> None:
         """Release actors and resources."""
@@ -62,31 +65,43 @@ class LocalExecutor(Executor):
         self.num_replicas = 1
         self.expert_tokens = torch.zeros(self.config.num_experts, dtype=torch.long)  # summed over layers
         self.moe_time = Histogram()  # the single "shard": every expert, in this process
-        self.recover()
+        self.moe_s = 0.0
+        self.recoveries = 0
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> KVCache:
+        return KVCache(self.config, self.kv.num_blocks, self.kv.max_seqs, self.kv.block_size, self.model.dtype,
+                       self.model.device)
 
     def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         w = self.model.weights
         y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens)
-        self.moe_time.observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.moe_time.observe(elapsed)
+        self.moe_s += elapsed
         return y
 
     def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
         out = {}
         for replica, step in steps.items():
             start = time.perf_counter()
-            sampled = run_replica_step(self.model, self.cache, step, self._moe)
+            try:
+                sampled = run_replica_step(self.model, self.cache, step, self._moe)
+            except Exception as exc:  # KVCacheFull, out of memory, a bug: the step is lost, as with a dead actor
+                log.warning("local step %d failed", step.step_id, exc_info=exc)
+                raise ExecutorFailure(f"the step failed: {type(exc).__name__}: {exc}") from exc
             out[replica] = StepResult(step.step_id, replica, sampled, time.perf_counter() - start, 0.0,
                                       self.cache.usage())
         return out
 
     def recover(self) -> None:
-        self.cache = KVCache(self.config, self.kv.num_blocks, self.kv.max_seqs, self.kv.block_size,
-                             self.model.dtype, self.model.device)
+        self.cache = self._new_cache()
+        self.recoveries += 1
 
     def topology(self) -> list[ActorInfo]:
         return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts])]
 
-    def stats(self) -> dict[str, Any]:
-        return {"replica0": {"kv_usage": self.cache.usage()},
-                "router": {"expert_tokens": self.expert_tokens.tolist(), "shard_step": [self.moe_time.snapshot()]}}
+    def stats(self) -> ExecutorStats:
+        router = RouterStats(tuple(self.expert_tokens.tolist()), (self.moe_time.snapshot(),), 0.0, self.moe_s)
+        return ExecutorStats((ReplicaStats(self.cache.usage()),), router, (), self.recoveries)

@@ -10,15 +10,13 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
-
 import ray
 import torch
 
 from cluster.channels import remove_rings
 from cluster.messages import MoeRequest
-from cluster.roles import ENGINE
-from cluster.transport import Endpoint, PlaneSpec, plan_channels
+from cluster.names import ENGINE
+from cluster.transport import Address, Endpoint, PlaneSpec, plan_channels
 
 ECHO = "echo"
 RELAY = "relay"
@@ -34,11 +32,11 @@ class EchoPeer:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def listen(self, plane: PlaneSpec) -> dict[str, Any]:
+    def listen(self, plane: PlaneSpec) -> dict[str, Address]:
         self.endpoint = Endpoint(self.name, host=ray.util.get_node_ip_address())
         return self.endpoint.listen(plane)
 
-    def connect(self, plane: PlaneSpec, addresses: dict[str, Any]) -> None:
+    def connect(self, plane: PlaneSpec, addresses: dict[str, Address]) -> None:
         assert self.endpoint is not None
         self.endpoint.connect(plane, addresses)
 
@@ -68,6 +66,9 @@ class EchoPeer:
             self.endpoint.close()
 
 
+RemoteEcho = ray.remote(EchoPeer)
+
+
 @dataclass
 class HopRow:
     rows: int  # payload: rows x hidden fp32
@@ -83,8 +84,6 @@ def _median_us(samples: list[float], per: int = 1) -> float:
 
 def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: int = 200,
                  rounds: int = 3) -> list[HopRow]:
-    from cluster.actors import RemoteEcho
-
     peers = {name: RemoteEcho.options(num_cpus=0).remote(name) for name in (ECHO, RELAY)}
     nodes = {ENGINE: ray.get_runtime_context().get_node_id(),
              **{name: ray.get(p.node.remote()) for name, p in peers.items()}}

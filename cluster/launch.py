@@ -1,55 +1,44 @@
-"""From arguments to a running engine: the one place that picks the executor."""
+"""From configuration to a running engine: the one place that picks the executor."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from cluster.config import ClusterConfig, KVSpec, ModelSource
-from cluster.engine import Engine, EngineConfig
+from cluster.config import ClusterConfig, EngineConfig, ModelConfig
+from cluster.engine import Engine
 from cluster.executor import Executor, LocalExecutor
+from cluster.options import OptionValue, flat_values, split_values
 
-ENGINES = ("local", "cluster")
+ENGINE_GROUPS = (ModelConfig, EngineConfig, ClusterConfig)
 
 
 @dataclass(frozen=True)
 class EngineArgs:
-    model: str
-    engine: str = "local"  # local: this process; cluster: Ray actors
-    dtype: str = "bfloat16"
-    layout: str | None = None
-    device: str = "cpu"  # local engine only; cluster actors take GPUs through the gpus_per_* fractions
-    kv_cache_tokens: int = 65536  # KV positions per attention replica (full-attention layers)
-    block_size: int = 16
-    max_num_seqs: int = 64  # per attention replica
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_waiting: int = 1024
+    """Everything that builds an engine: what to load, how to schedule, how to distribute."""
+
+    model: ModelConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
-        if self.kv_cache_tokens < self.block_size or self.max_num_seqs < 1:
-            raise ValueError("kv_cache_tokens must hold at least one block and max_num_seqs must be positive")
+    @classmethod
+    def from_options(cls, **values: OptionValue) -> EngineArgs:
+        """Flat option names, as flags and application args spell them: EngineArgs.from_options(
+        model=path, engine="local", dtype="float32")."""
+        return cls(*split_values(values, *ENGINE_GROUPS))
 
-    @property
-    def source(self) -> ModelSource:
-        return ModelSource(self.model, self.dtype, self.layout)
-
-    @property
-    def kv(self) -> KVSpec:
-        return KVSpec(-(-self.kv_cache_tokens // self.block_size), self.block_size, self.max_num_seqs)
+    def options(self) -> dict[str, OptionValue]:
+        return flat_values(self.model, self.engine, self.cluster)
 
 
-def build_executor(args: EngineArgs) -> Executor:
-    if args.engine == "local":
-        return LocalExecutor(args.source, args.kv, args.cluster.keep_mxfp4, args.device)
+def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor:
+    """`ray_address`: an existing Ray cluster for the cluster engine (None: the one this process is
+    connected to, or a new one started in this process)."""
+    source = args.model.source()
+    if args.engine.engine == "local":
+        return LocalExecutor(source, args.engine.kv, args.model.keep_mxfp4, args.model.device)
     from cluster.cluster_executor import ClusterExecutor  # imports ray: only when asked for
 
-    return ClusterExecutor(args.source, args.cluster, args.kv)
+    return ClusterExecutor(source, args.cluster, args.engine.kv, args.model.keep_mxfp4, ray_address)
 
 
-def build_engine(args: EngineArgs) -> Engine:
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, max_waiting=args.max_waiting)
-    return Engine(build_executor(args), config)
+def build_engine(args: EngineArgs, ray_address: str | None = None) -> Engine:
+    return Engine(build_executor(args, ray_address), args.engine)

@@ -1,10 +1,19 @@
-"""Every message that crosses an actor boundary on the data plane.
+"""Every message that crosses an actor boundary on the data plane, and the order they travel in.
 
-One step costs one round of control messages: the engine sends each busy attention replica a
-`ReplicaStep` and the router a `RouterStep`; each replica answers with a `StepResult`. Inside the
-step the actors run the layer loop themselves, exchanging `MoeRequest`/`MoeResult` (replica <->
-router) and `ShardRequest`/`ShardResult` (router <-> expert shard) once per layer. Tensors inside
-these dataclasses travel as raw bytes beside the pickled header (see transport.py).
+One step, written down once (the roles in replica.py, router.py and shard.py follow it):
+
+    engine  -> router      RouterStep      which replicas have tokens this step, in the order it reads them
+    engine  -> replica r   ReplicaStep     per busy replica (also a replica with only KV to release)
+    for layer in 0 .. L-1:
+        replica r -> router       MoeRequest    normed hidden rows [T_r, H]
+        router    -> shard s      ShardRequest  the distinct rows shard s needs, its assignments and gates
+        shard s   -> router       ShardResult   gate-weighted expert outputs per assignment
+        router    -> replica r    MoeResult     the MoE block's output for replica r's rows
+    replica r -> engine    StepResult      sampled tokens (a replica with no tokens answers at once)
+
+The router reads the replicas in RouterStep order and the shards' results in shard order, so sums
+never depend on timing. Tensors inside these dataclasses travel as raw bytes after the header
+(codec.py); there is no stop message: a loop ends when its endpoint is stopped (StreamClosed).
 """
 
 from __future__ import annotations
@@ -94,13 +103,6 @@ class ShardResult:
 
 
 @dataclass
-class Stop:
-    """Ends an actor's data-plane loop cleanly."""
-
-    reason: str = "shutdown"
-
-
-@dataclass
 class ActorInfo:
     """One line of the topology (`gptoss generate --engine cluster --json`)."""
 
@@ -110,4 +112,3 @@ class ActorInfo:
     node: str
     device: str
     experts: list[int] | None = None  # [a, b) for expert shards
-    extra: dict[str, float] = field(default_factory=dict)

@@ -28,12 +28,13 @@ from typing import Any
 from cluster.channels import ByteStream, ShmRing, StreamClosed, StreamTimeout, TcpStream
 from cluster.codec import ALIGN, decode, encode, padded
 
-__all__ = ["Endpoint", "PlaneSpec", "ChannelSpec", "StreamClosed", "StreamTimeout", "plan_channels"]
+__all__ = ["Address", "Endpoint", "PlaneSpec", "ChannelSpec", "StreamClosed", "StreamTimeout", "plan_channels"]
 
 _PREFIX = struct.Struct("<QQ")  # header length, body length
 _HELLO = struct.Struct("<256s")
 _PAD = bytes(ALIGN)
 SMALL_MESSAGE = 64 << 10
+Address = str | tuple[str, int]  # how a sender reaches an inbound channel: the ring's name, or TCP (host, port)
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ class Endpoint:
         self._stop = threading.Event()
 
     # -- setup -----------------------------------------------------------------------------------
-    def listen(self, spec: PlaneSpec) -> dict[str, Any]:
+    def listen(self, spec: PlaneSpec) -> dict[str, Address]:
         """Create inbound channels; returns what senders need to reach them."""
-        addresses: dict[str, Any] = {}
+        addresses: dict[str, Address] = {}
         for ch in spec.channels:
             if ch.dst != self.me:
                 continue
@@ -92,15 +93,16 @@ class Endpoint:
                 addresses[ch.name] = (self.host, self._listener.getsockname()[1])
         return addresses
 
-    def connect(self, spec: PlaneSpec, addresses: dict[str, Any], timeout: float = 60.0) -> None:
+    def connect(self, spec: PlaneSpec, addresses: dict[str, Address], timeout: float = 60.0) -> None:
         """Open outbound channels, then accept the inbound TCP ones."""
         for ch in spec.channels:
             if ch.src != self.me:
                 continue
             if ch.kind == "shm":
-                self._out[ch.dst] = ShmRing(addresses[ch.name], spec.ring_bytes, create=False)
+                self._out[ch.dst] = ShmRing(str(addresses[ch.name]), spec.ring_bytes, create=False)
             else:
-                sock = socket.create_connection(tuple(addresses[ch.name]), timeout=timeout)
+                host, port = addresses[ch.name]
+                sock = socket.create_connection((host, int(port)), timeout=timeout)
                 sock.sendall(_HELLO.pack(self.me.encode()))
                 self._out[ch.dst] = TcpStream(sock)
         deadline = time.monotonic() + timeout

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -14,6 +13,33 @@ from cluster.benchmark import DecodeRow
 from cluster.hop import HopRow
 from model_shards.config import GptOssConfig
 from model_shards.mxfp4 import BLOCK
+
+
+@dataclass
+class DecodeReport:
+    """What the JSON line says besides the rows: the run's settings and derived numbers."""
+
+    model: str
+    dtype: str
+    expert_weights: str
+    input_len: int
+    steps: int
+    layers: int
+    attention_replicas: int
+    expert_shards: int
+    active_bytes_per_token: int  # weights one batch-1 decode token reads
+    cluster_overhead: list[dict[str, float]] = field(default_factory=list)  # batch_size, step_ms, per_layer_us
+    roofline_batch1_tokens_per_s: float | None = None  # with --memory-bandwidth-gbs
+    bench: str = "decode"
+
+
+@dataclass(frozen=True)
+class Machine:
+    platform: str
+    cpus: int
+    torch: str
+    threads: int
+    gpu: str | None
 
 
 def active_bytes_per_token(cfg: GptOssConfig, dtype_bytes: int, mxfp4_experts: bool) -> int:
@@ -29,19 +55,16 @@ def active_bytes_per_token(cfg: GptOssConfig, dtype_bytes: int, mxfp4_experts: b
     return cfg.num_hidden_layers * per_layer + (cfg.vocab_size + 1) * h * dtype_bytes
 
 
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+def machine() -> Machine:
+    return Machine(platform.platform(), os.cpu_count() or 1, torch.__version__, torch.get_num_threads(),
+                   torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def report(rows: list[DecodeRow], hops: list[HopRow], extra: dict[str, Any]) -> str:
+def report(rows: list[DecodeRow], hops: list[HopRow], extra: DecodeReport) -> str:
     header = (f"{'engine':<8} {'batch':>5} {'prefill ms':>11} {'step ms p50':>12} {'step ms p90':>12} "
               f"{'tokens/s':>9} {'moe wait us/layer':>18} {'router':>7} {'shard':>7} {'data plane us/layer':>20}")
     lines = [header, "-" * len(header)]
@@ -55,10 +78,11 @@ def report(rows: list[DecodeRow], hops: list[HopRow], extra: dict[str, Any]) -> 
                       f"{'raw 4-hop layer path us':>24}"]
         lines += [f"{h.rows:>8} {h.payload_bytes:>10} {h.raw_us:>15.1f} {h.framed_us:>18.1f} {h.layer_path_us:>24.1f}"
                   for h in hops]
-    overhead = extra.get("cluster_overhead")
-    if overhead:
+    if extra.cluster_overhead:
         lines += ["", f"{'batch':>5} {'cluster - local ms/step':>24} {'per layer us':>13}"]
-        lines += [f"{o['batch_size']:>5} {o['step_ms']:>24.2f} {o['per_layer_us']:>13.0f}" for o in overhead]
-    record = {**extra, "machine": machine(), "results": [asdict(r) for r in rows], "hops": [asdict(h) for h in hops]}
+        lines += [f"{o['batch_size']:>5} {o['step_ms']:>24.2f} {o['per_layer_us']:>13.0f}"
+                  for o in extra.cluster_overhead]
+    record = {**asdict(extra), "machine": asdict(machine()), "results": [asdict(r) for r in rows],
+              "hops": [asdict(h) for h in hops]}
     lines.append(json.dumps(record))
     return "\n".join(lines)

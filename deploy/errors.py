@@ -8,7 +8,6 @@ ours or the validator's; tracebacks, file paths and object addresses never reach
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -56,9 +55,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     if isinstance(exc, InvalidRequest):
-        param = "max_tokens" if "max_tokens" in str(exc) else "prompt"
-        code = "context_length_exceeded" if "context length" in str(exc) else None
-        return APIError(400, str(exc), "invalid_request_error", param, code)
+        return APIError(400, str(exc), "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, ChatFormatError):
         return APIError(400, str(exc), "invalid_request_error", "messages")
     if isinstance(exc, EngineOverloaded):
@@ -105,7 +102,3 @@ def install(app: FastAPI) -> None:
                 EngineOverloaded, EngineUnavailable, TimeoutError, Exception):
         app.add_exception_handler(cls, handle)
 
-
-def sse_error(exc: BaseException) -> str:
-    """The SSE event that reports an error after a stream has started (its status was 200)."""
-    return f"data: {json.dumps(to_api_error(exc).body())}\n\n"

@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from ray.util.metrics import Gauge
 
 from cluster.engine import Engine, RequestTimes
+from cluster.telemetry import ExecutorStats, HistogramSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,10 @@ class EngineCollector(Collector):
     def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
-        self._stats: dict[str, Any] = {}
+        self._stats: ExecutorStats | None = None
         self._stats_at = 0.0
 
-    def _executor_stats(self) -> dict[str, Any]:
+    def _executor_stats(self) -> ExecutorStats | None:
         if time.monotonic() - self._stats_at > STATS_MAX_AGE_S:
             try:
                 self._stats = self.engine.executor.stats()
@@ -48,32 +50,38 @@ class EngineCollector(Collector):
             self._stats_at = time.monotonic()
         return self._stats
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         name = [self.model_name]
         load = self.engine.load()
         for metric, value, text in (
-                ("gptoss_num_requests_running", load["running"], "requests being generated"),
-                ("gptoss_num_requests_waiting", load["waiting"], "requests queued for admission"),
-                ("gptoss_kv_cache_usage_ratio", load["kv_usage"], "fraction of KV blocks reserved, over replicas")):
+                ("gptoss_num_requests_running", load.running, "requests being generated"),
+                ("gptoss_num_requests_waiting", load.waiting, "requests queued for admission"),
+                ("gptoss_kv_cache_usage_ratio", load.kv_usage, "fraction of KV blocks reserved, over replicas")):
             family = GaugeMetricFamily(metric, text, labels=["model_name"])
             family.add_metric(name, float(value))
             yield family
-        router = self._executor_stats().get("router", {})
+        stats = self._executor_stats()
         experts = CounterMetricFamily("gptoss_expert_tokens", "tokens routed to each expert, summed over layers",
                                       labels=["model_name", "expert"])
-        for expert, count in enumerate(router.get("expert_tokens", [])):
-            experts.add_metric([self.model_name, str(expert)], float(count))
-        yield experts
         steps = HistogramMetricFamily("gptoss_expert_shard_step_seconds",
                                       "compute time of one expert shard for one layer of one step",
                                       labels=["model_name", "shard"])
-        for shard, hist in enumerate(router.get("shard_step", [])):
-            cumulative, buckets = 0, []
-            for edge, count in zip([*hist["buckets"], float("inf")], hist["counts"]):
-                cumulative += count
-                buckets.append(("+Inf" if edge == float("inf") else repr(float(edge)), float(cumulative)))
-            steps.add_metric([self.model_name, str(shard)], buckets, hist["sum"])
+        if stats is not None:
+            for expert, count in enumerate(stats.router.expert_tokens):
+                experts.add_metric([self.model_name, str(expert)], float(count))
+            for shard, hist in enumerate(stats.router.shard_step):
+                steps.add_metric([self.model_name, str(shard)], _cumulative(hist), hist.sum)
+        yield experts
         yield steps
+
+
+def _cumulative(hist: HistogramSnapshot) -> list[tuple[str, float]]:
+    """Per-bucket counts -> Prometheus' cumulative (le, count) pairs."""
+    cumulative, out = 0, []
+    for edge, count in zip([*hist.buckets, float("inf")], hist.counts):
+        cumulative += count
+        out.append(("+Inf" if edge == float("inf") else repr(float(edge)), float(cumulative)))
+    return out
 
 
 class ServerMetrics:
@@ -121,7 +129,7 @@ class RayExport:
     def __init__(self, registry: CollectorRegistry, period_s: float = 5.0) -> None:
         self.registry = registry
         self.period_s = period_s
-        self._gauges: dict[str, Any] = {}
+        self._gauges: dict[str, Gauge] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gptoss-ray-metrics", daemon=True)
         self._thread.start()
@@ -134,8 +142,6 @@ class RayExport:
                 log.warning("could not export metrics to Ray: %s", exc)
 
     def push(self) -> None:
-        from ray.util.metrics import Gauge
-
         for family in self.registry.collect():
             for sample in family.samples:
                 if sample.name.endswith("_created"):

@@ -7,9 +7,11 @@ clients (and schemathesis) what is valid. Vendor extensions: `ignore_eos`, `retu
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from model_shards.requests import InvalidRequest
 
 INT64 = 2**63 - 1
 MAX_STOP = 4  # stop sequences, as OpenAI
@@ -42,7 +44,24 @@ class StreamOptions(Strict):
 Stop = Union[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)],
              Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
                        Field(max_length=MAX_STOP)], None]
-LogitBias = Annotated[dict[str, float], Field(max_length=300)]
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=300)]
+
+
+def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """JSON's string keys -> (token id, bias) pairs; names every key that is not a token id."""
+    if not bias:
+        return ()
+    pairs, bad = [], []
+    for key, value in bias.items():
+        token = int(key) if key.lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab_size:
+            bad.append(key)
+        else:
+            pairs.append((token, float(value)))
+    if bad:
+        raise InvalidRequest(f"logit_bias keys must be token ids in [0, {vocab_size}); invalid: {bad}", "logit_bias",
+                             "invalid_logit_bias")
+    return tuple(pairs)
 
 
 class SamplingFields(Strict):
@@ -134,7 +153,8 @@ class ChatCompletionRequest(SamplingFields):
 # -- completions -----------------------------------------------------------------------------------
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=-INT64 - 1, le=INT64)]], Field(min_length=1)]
-Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
+PromptText = Annotated[str, Field(min_length=1)]
+Prompt = Union[PromptText, Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
                Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
 
 
@@ -254,6 +274,157 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+# -- stream chunks ---------------------------------------------------------------------------------
+
+class Sparse(BaseModel):
+    """Serialized without its None fields, except those in KEEP_NULL: a delta carries only what
+    changed, while OpenAI's chunks always say `"finish_reason": null`."""
+
+    KEEP_NULL: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _sparse(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None or k in self.KEEP_NULL}
+
+
+class ToolCallFunctionDelta(Sparse):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
+
+
+class ChatDelta(Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(Sparse):
+    KEEP_NULL = frozenset({"finish_reason"})
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(Sparse):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(Sparse):
+    KEEP_NULL = frozenset({"logprobs", "finish_reason"})
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class CompletionChunk(Sparse):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+# -- /v1/responses out -------------------------------------------------------------------------------
+
+class SummaryText(BaseModel):
+    type: Literal["summary_text"] = "summary_text"
+    text: str
+
+
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(BaseModel):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText]
+
+
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed"] = "completed"
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[str] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed"] = "completed"
+    content: list[OutputText]
+
+
+OutputItem = Union[ReasoningItem, FunctionCallItem, OutputMessage]
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ReasoningSettings(BaseModel):
+    effort: str
+    summary: str | None = None
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    model: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    output: list[OutputItem]
+    parallel_tool_calls: bool = False
+    tools: list[str] = Field(default_factory=list)
+    reasoning: ReasoningSettings
+    temperature: float
+    top_p: float
+    usage: ResponseUsage | None = None
 
 
 class ModelCard(BaseModel):

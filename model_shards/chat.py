@@ -1,8 +1,8 @@
 """Harmony chat format: OpenAI-style messages -> prompt ids, and generated ids -> reasoning,
 answer and tool calls.
 
-Rendering goes through openai-harmony itself (a port of its renderer would drift; spec 5.7 lists how
-the HF template already differs). Mapping of OpenAI roles: `system` and `developer` messages become
+Rendering goes through openai-harmony itself (a port of its renderer would drift, as the Hugging Face
+chat template already has). Mapping of OpenAI roles: `system` and `developer` messages become
 the harmony developer message's instructions (the model's system message carries identity, date and
 reasoning effort); assistant history renders `reasoning` on the analysis channel, `content` on the
 final channel and `tool_calls` as commentary messages to `functions.NAME`; `tool` messages come

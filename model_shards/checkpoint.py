@@ -149,9 +149,6 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
-
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The whole tensor, or rows [a, b) of its first dimension (only those bytes are read)."""
         entry = self._entry(name)
@@ -171,6 +168,3 @@ class Checkpoint:
         if not buffer:
             return torch.empty(shape, dtype=entry.dtype)
         return torch.frombuffer(buffer, dtype=entry.dtype).reshape(shape)
-
-    def file_bytes(self) -> int:
-        return sum(p.stat().st_size for p in {e.path for e in self._tensors.values()})

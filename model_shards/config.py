@@ -4,7 +4,7 @@ Two files describe the same model: the Hugging Face `config.json` (transformers 
 scaling under `rope_scaling` in v4 files or `rope_parameters` in v5 files) and `original/config.json`
 (the naming of OpenAI's reference code). Both map onto `GptOssConfig`. Unknown keys and keys that
 contradict each other are errors, because a silently ignored RoPE field is exactly how other engines
-ended up with the wrong YaRN (spec section 6.1).
+ended up with the wrong YaRN (unrounded correction range, concentration on cos and sin: see rope.py).
 """
 
 from __future__ import annotations
@@ -78,10 +78,6 @@ class GptOssConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
-
-    @property
-    def gqa_group(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING

@@ -71,10 +71,6 @@ class KVCache:
         blocks = self.blocks_for(num_tokens) - len(self._tables.get(seq_id, ()))
         return max(blocks, 0), 0 if seq_id in self._slots else 1
 
-    def can_reserve(self, seq_id: int, num_tokens: int) -> bool:
-        blocks, slots = self._missing(seq_id, num_tokens)
-        return blocks <= len(self._free_blocks) and slots <= len(self._free_slots)
-
     def reserve(self, seq_id: int, num_tokens: int) -> None:
         """Make room for positions [0, num_tokens) of a sequence; all or nothing."""
         blocks, slots = self._missing(seq_id, num_tokens)
@@ -90,9 +86,6 @@ class KVCache:
         self._free_blocks.extend(reversed(self._tables.pop(seq_id, [])))
         if seq_id in self._slots:
             self._free_slots.append(self._slots.pop(seq_id))
-
-    def holds(self, seq_id: int) -> bool:
-        return seq_id in self._slots
 
     @property
     def free_blocks(self) -> int:

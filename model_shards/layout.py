@@ -19,8 +19,6 @@ HF = "hf"
 ORIGINAL = "original"
 LAYOUTS = (HF, ORIGINAL)
 
-GLOBALS = ("embedding", "final_norm", "unembedding")
-LAYER_DENSE = ("attn_norm", "qkv_w", "qkv_b", "sinks", "out_w", "out_b", "mlp_norm", "router_w", "router_b")
 EXPERT_MATRICES = ("gate_up", "down")
 
 

@@ -1,6 +1,6 @@
 """Rotary position embedding with YaRN (NTK-by-parts), exactly as gpt-oss uses it.
 
-Three details broke other engines (spec section 6): the correction range [low, high] is NOT rounded
+Three details broke other engines: the correction range [low, high] is NOT rounded
 (8.0928, 17.3980 for gpt-oss), the concentration 0.1*ln(factor)+1 multiplies BOTH cos and sin, and
 the rotation pairs dimension j with j + d/2 (half split, not interleaved pairs).
 """

@@ -58,7 +58,8 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
-    keep_sorted = (torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p  # always keeps the first
+    keep_sorted = (torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p
+    keep_sorted[0] = True  # the most likely token always stays (a top_p below fp32's smallest value is 0 here)
     keep = torch.zeros_like(probs, dtype=torch.bool)
     keep[order[keep_sorted]] = True
     filtered = probs * keep

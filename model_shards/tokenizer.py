@@ -19,14 +19,9 @@ from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_en
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
-STARTOFTEXT = 199998
 ENDOFTEXT = 199999
 RETURN = 200002  # end of a final answer
-CONSTRAIN = 200003
-CHANNEL = 200005
-START = 200006
 END = 200007  # end of a message; NOT a stop token in chat (the model continues with <|start|>)
-MESSAGE = 200008
 CALL = 200012  # end of a tool call
 
 CHAT_STOP_TOKENS = (RETURN, CALL)  # harmony's stop_tokens_for_assistant_actions()

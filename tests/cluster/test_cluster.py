@@ -73,9 +73,9 @@ def test_running_cluster_leaves_no_names_in_dev_shm(cluster: Engine) -> None:
 
 
 def test_router_counts_every_routed_token(cluster: Engine) -> None:
-    before = sum(cluster.executor.stats()["router"]["expert_tokens"])
+    before = sum(cluster.executor.stats().router.expert_tokens)
     out = cluster.generate([prompts()[1]], SamplingParams(max_tokens=3, temperature=0.0))[0]
-    after = sum(cluster.executor.stats()["router"]["expert_tokens"])
+    after = sum(cluster.executor.stats().router.expert_tokens)
     tokens_run = len(prompts()[1]) + len(out.token_ids) - 1
     cfg = cluster.model_config
     assert after - before == tokens_run * cfg.num_hidden_layers * cfg.experts_per_token
@@ -95,7 +95,7 @@ def test_continuous_batching_and_abort_on_the_cluster(cluster: Engine) -> None:
     assert cluster.steps - steps_before < 40 + 40 - 10
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the replicas themselves report their KV free again
-        usage = [v["kv_usage"] for k, v in cluster.executor.stats().items() if k.startswith("replica")]
+        usage = [r.kv_usage for r in cluster.executor.stats().replicas]
         if max(usage) == 0:
             break
         time.sleep(0.1)
@@ -105,9 +105,9 @@ def test_continuous_batching_and_abort_on_the_cluster(cluster: Engine) -> None:
 def test_tcp_transport_uneven_split_and_packed_mxfp4(ray_session, tiny_hf: Path, reference: list[Completion]) -> None:
     from cluster.cluster_executor import ClusterExecutor
 
-    config = ClusterConfig(attention_replicas=1, expert_shards=2, expert_bounds=(3,), transport="tcp",
-                           keep_mxfp4=True, step_timeout_s=30)
-    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV))
+    config = ClusterConfig(attention_replicas=1, expert_shards=2, expert_split=(3,), transport="tcp",
+                           step_timeout_s=30)
+    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV, keep_mxfp4=True))
     try:
         assert [a.experts for a in engine.executor.topology() if a.role == "expert_shard"] == [[0, 3], [3, 16]]
         assert_same(reference, engine.generate(prompts(), GREEDY, timeout=120))

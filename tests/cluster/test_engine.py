@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import KVSpec, ModelSource
-from cluster.engine import Engine, EngineConfig, EngineOverloaded, EngineUnavailable
+from cluster.config import EngineConfig, KVSpec, ModelSource
+from cluster.engine import Engine, EngineOverloaded, EngineUnavailable
 from cluster.executor import Executor, ExecutorFailure, LocalExecutor
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
+from cluster.telemetry import ExecutorStats
+from model_shards.kv_cache import KVCache, KVCacheFull
 from model_shards.requests import InvalidRequest
 from model_shards.sampling import SamplingParams
 
@@ -81,13 +83,13 @@ def test_abort_frees_kv(local: LocalExecutor) -> None:
     eng = engine(local)
     handle = eng.submit(prompts(40)[0], SamplingParams(max_tokens=200, temperature=0.0))
     assert handle.events.get(timeout=30).token is not None
-    assert eng.load()["kv_usage"] > 0 and local.cache.usage() > 0
+    assert eng.load().kv_usage > 0 and local.cache.usage() > 0
     eng.abort(handle.request_id)
     while (event := handle.events.get(timeout=30)).finish_reason is None:
         pass
     assert event.finish_reason == "abort"
     assert wait_until(lambda: local.cache.usage() == 0)  # the replica freed the blocks, not just the books
-    assert eng.load()["kv_usage"] == 0 and eng.load()["running"] == 0
+    assert eng.load().kv_usage == 0 and eng.load().running == 0
 
 
 def test_stop_tokens(local: LocalExecutor) -> None:
@@ -164,6 +166,9 @@ class FlakyExecutor(Executor):
     def topology(self) -> list[ActorInfo]:
         return self.inner.topology()
 
+    def stats(self) -> ExecutorStats:
+        return self.inner.stats()
+
 
 def test_failures_resume_with_identical_output(local: LocalExecutor) -> None:
     ps = prompts(7, 50, 150, 3)
@@ -176,6 +181,33 @@ def test_failures_resume_with_identical_output(local: LocalExecutor) -> None:
     for a, b in zip(reference, outs):
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_kv_cache_full_mid_step_is_recovered_like_a_lost_actor(local: LocalExecutor,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local executor's failures follow the cluster's contract: the step is retried after recovery."""
+    eng = engine(local)
+    ps = prompts(30, 7)
+    reference = eng.generate(ps, GREEDY)
+    layers = local.config.num_hidden_layers
+    writes = {"n": 0}
+    write = KVCache.write
+
+    def full_once(self: KVCache, layer: int, *args: object) -> None:
+        writes["n"] += 1
+        if writes["n"] == 3 * layers + 2:  # the second layer of the fourth step
+            raise KVCacheFull("injected: no free block")
+        write(self, layer, *args)
+
+    monkeypatch.setattr(KVCache, "write", full_once)
+    outs = eng.generate(ps, GREEDY, timeout=60)
+    assert writes["n"] > 3 * layers + 2 and len(eng.failures) == 1
+    assert "KVCacheFull" in eng.failures[0][1]
+    for a, b in zip(reference, outs):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert eng.healthy and eng.load().running == 0
+    assert len(eng.generate(ps[:1], GREEDY, timeout=60)[0].token_ids) == 8  # and keeps serving
 
 
 def test_requests_give_up_after_repeated_failures(local: LocalExecutor) -> None:

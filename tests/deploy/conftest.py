@@ -28,8 +28,8 @@ MAX_MODEL_LEN = 256
 
 @pytest.fixture(scope="session")
 def local_engine(tiny_hf: Path, vocab: Path) -> Iterator[Engine]:
-    engine = build_engine(EngineArgs(model=str(tiny_hf), dtype="float32", kv_cache_tokens=8192,
-                                     max_model_len=MAX_MODEL_LEN, max_waiting=64))
+    engine = build_engine(EngineArgs.from_options(model=str(tiny_hf), engine="local", dtype="float32",
+                                                  kv_cache_tokens=8192, max_model_len=MAX_MODEL_LEN, max_waiting=64))
     yield engine
     engine.shutdown()
 

@@ -188,7 +188,7 @@ def test_s3_body_size_limit(local_engine: Engine) -> None:
 
 def test_s7_internal_errors_leak_nothing(local_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = client_for(local_engine)
-    api = broken.app.state.api
+    api = broken.app.state.service
 
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom in /work/secret/module.py at 0x7f3a2b1c, token=hunter2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ray.serve import Application
 
-from deploy.app import AppArgs, build_app, parse_args
+from deploy.app import build_app, parse_args
 
 
 def test_good_arguments_build_an_application() -> None:
@@ -31,8 +31,8 @@ def test_bad_arguments_are_named(args: dict, names: list[str]) -> None:
 
 
 def test_engine_args_follow_the_app_args() -> None:
-    args = AppArgs(model="m", engine="cluster", attention_replicas=2, expert_shards=3, expert_split=[5, 10],
-                   expert_weights="mxfp4", max_model_len=1024)
-    engine = args.engine_args("m")
-    assert engine.cluster.attention_replicas == 2 and engine.cluster.expert_bounds == (5, 10)
-    assert engine.cluster.keep_mxfp4 and engine.max_model_len == 1024
+    args = parse_args({"model": "m", "engine": "cluster", "attention_replicas": 2, "expert_shards": 3,
+                       "expert_split": [5, 10], "expert_weights": "mxfp4", "max_model_len": 1024})
+    engine = args.config().engine_args()
+    assert engine.cluster.attention_replicas == 2 and engine.cluster.expert_split == (5, 10)
+    assert engine.model.keep_mxfp4 and engine.engine.max_model_len == 1024

@@ -3,6 +3,7 @@ SIGTERM drains what is in flight and refuses what comes after."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,8 @@ def test_shutdown_drains_in_flight_requests(small_server: tuple[str, object]) ->
     proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
     worker.join(120)
     assert result["status"] == 200 and result["last"] == "data: [DONE]"
-    assert '"finish_reason": "length"' in result["chunks"][-1]  # all 120 tokens, not cut off
+    last = json.loads(result["chunks"][-1][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length"  # all 120 tokens, not cut off
     proc.wait(timeout=60)  # type: ignore[attr-defined]
     with pytest.raises(httpx.HTTPError):
         httpx.post(f"{url}/v1/completions", json=BODY, timeout=5)

@@ -7,7 +7,7 @@ import pytest
 from model_shards.config import FULL, SLIDING, ConfigError, config_from_hf, config_from_original, load_config, preset
 from model_shards.weights import empty_model
 
-HUB_20B = {  # the hub's config.json for gpt-oss-20b (spec section 1)
+HUB_20B = {  # the hub's config.json for gpt-oss-20b
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
     "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
     "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,

@@ -61,3 +61,9 @@ def test_draw_depends_only_on_seed_and_step() -> None:
 def test_bad_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_top_p_below_float32_resolution_keeps_the_most_likely_token() -> None:
+    probs = torch.softmax(torch.tensor([1.0, 3.0, 2.0]), dim=-1)
+    kept = top_p_filter(probs, 5e-324)  # a valid top_p (> 0) that rounds to 0 in float32
+    assert kept.tolist() == [0.0, 1.0, 0.0]

@@ -8,7 +8,7 @@ from openai_harmony import Conversation, DeveloperContent, Message, ReasoningEff
 from model_shards.chat import ChatFormatError, parse_completion, render_chat
 from model_shards.tokenizer import CALL, CHAT_STOP_TOKENS, END, RETURN, decode, encode, harmony, tokenizer
 
-# harmony test data (spec 5.2): the default system message, then the developer and user turns.
+# harmony's own test data: the default system message, then the developer and user turns.
 EXPECTED = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
             "Knowledge cutoff: 2024-06\n\nReasoning: high\n\n"
             "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"

@@ -1,0 +1,183 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or a list), whole or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from cluster.engine import Event
+from deploy.errors import bad_request
+from deploy.generation import Generation
+from deploy.protocol import (ERROR_RESPONSES, Completion, CompletionChoice, CompletionChunk, CompletionChunkChoice,
+                             CompletionLogprobs, CompletionRequest, Usage, parse_logit_bias)
+from deploy.service import ApiService, get_service
+from deploy.sse import STREAM_RESPONSE, sse_response
+from deploy.text import Detokenizer, StopFilter, token_text
+from model_shards.tokenizer import TEXT_STOP_TOKENS, encode
+
+router = APIRouter()
+
+
+def prompt_ids(prompt: Any) -> list[list[int]]:
+    """Any of the four prompt forms -> one list of ids per prompt (the engine checks the ids)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    return [encode(p) if isinstance(p, str) else p for p in prompt]
+
+
+@dataclass
+class ChoiceState:
+    """One prompt's completion as it grows."""
+
+    index: int
+    prompt: list[int]
+    stops: StopFilter
+    want_logprobs: bool
+    detok: Detokenizer = field(default_factory=Detokenizer)
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    token_strings: list[str] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top: list[dict[str, float]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    reason: str | None = None
+
+    def add(self, event: Event) -> str:
+        """Record a token; returns the text it made visible."""
+        assert event.token is not None
+        if self.want_logprobs:
+            self.offsets.append(sum(len(t) for t in self.text))
+            self.token_strings.append(token_text(event.token))
+            self.token_logprobs.append(float(event.logprob or 0.0))
+            self.top.append({token_text(t): lp for t, lp in event.top_logprobs})
+        self.tokens.append(event.token)
+        visible = self.stops.push(self.detok.push(event.token))
+        self.text.append(visible)
+        return visible
+
+    def finish(self, reason: str) -> str:
+        tail = "" if self.stops.stopped else self.stops.push(self.detok.flush()) + self.stops.flush()
+        self.text.append(tail)
+        self.reason = reason
+        return tail
+
+    def logprobs(self, last: int | None = None) -> CompletionLogprobs:
+        """All of them, or those of the last `last` tokens (a stream chunk's)."""
+        cut = slice(-last, None) if last else slice(None)
+        return CompletionLogprobs(tokens=self.token_strings[cut], token_logprobs=self.token_logprobs[cut],
+                                  top_logprobs=self.top[cut], text_offset=self.offsets[cut])
+
+
+Piece = tuple[ChoiceState, str, bool]  # (choice, visible text, whether this is its last piece)
+
+
+async def run_choice(run: Generation, state: ChoiceState, out: asyncio.Queue[Piece | Exception] | None = None) -> None:
+    """Drive one prompt to its end; with `out`, also report each visible piece as it comes, and the
+    exception that ended it, if one did."""
+    try:
+        async with run:
+            async for event in run:
+                visible = state.add(event)
+                if out is not None:
+                    out.put_nowait((state, visible, False))
+                if state.stops.stopped:
+                    run.stop()
+                    break
+    except Exception as exc:
+        if out is None:
+            raise
+        out.put_nowait(exc)
+        return
+    tail = state.finish(run.finish_reason)
+    if out is not None:
+        out.put_nowait((state, tail, True))
+
+
+@router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **STREAM_RESPONSE})
+async def completions(req: CompletionRequest,
+                      service: ApiService = Depends(get_service)) -> Completion | StreamingResponse:
+    service.check_model(req.model)
+    service.check_unsupported(req.presence_penalty, req.frequency_penalty)
+    if req.echo:
+        raise bad_request("echo is not supported", "echo", "unsupported_parameter")
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix", "unsupported_parameter")
+    prompts = prompt_ids(req.prompt)
+    stops = () if req.ignore_eos else TEXT_STOP_TOKENS
+    params = service.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs or 0,
+                              parse_logit_bias(req.logit_bias, service.vocab_size))
+    stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    request_id = service.new_id("cmpl")
+    runs: list[Generation] = []
+    try:
+        for i, p in enumerate(prompts):
+            runs.append(service.start(p, params, f"{request_id}-{i}"))
+    except BaseException:
+        for r in runs:
+            await r.aclose()
+        raise
+    states = [ChoiceState(i, p, StopFilter(stop_strings), req.logprobs is not None) for i, p in enumerate(prompts)]
+    usage = Usage(prompt_tokens=sum(map(len, prompts)), completion_tokens=0, total_tokens=0)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return sse_response(stream_completions(runs, states, req, request_id, usage if include_usage else None))
+    try:
+        await asyncio.gather(*(run_choice(r, st) for r, st in zip(runs, states)))
+    finally:
+        for r in runs:
+            await r.aclose()
+    choices = [CompletionChoice(index=st.index, text="".join(st.text), finish_reason=st.reason or "stop",
+                                logprobs=st.logprobs() if st.want_logprobs else None,
+                                token_ids=st.tokens if req.return_token_ids else None,
+                                prompt_token_ids=st.prompt if req.return_token_ids else None) for st in states]
+    return Completion(id=request_id, created=int(time.time()), model=req.model, choices=choices,
+                      usage=finished_usage(usage, states))
+
+
+def finished_usage(usage: Usage, states: list[ChoiceState]) -> Usage:
+    generated = sum(len(st.tokens) for st in states)
+    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=generated,
+                 total_tokens=usage.prompt_tokens + generated)
+
+
+async def stream_completions(runs: list[Generation], states: list[ChoiceState], req: CompletionRequest,
+                             request_id: str, usage: Usage | None) -> AsyncIterator[CompletionChunk]:
+    created = int(time.time())
+    pieces: asyncio.Queue[Piece | Exception] = asyncio.Queue()
+    tasks = [asyncio.create_task(run_choice(r, st, pieces)) for r, st in zip(runs, states)]
+    started: set[int] = set()
+
+    def chunk(state: ChoiceState, text: str, last: bool) -> CompletionChunk:
+        choice = CompletionChunkChoice(index=state.index, text=text, finish_reason=state.reason if last else None,
+                                       logprobs=state.logprobs(1) if state.want_logprobs and not last else None)
+        if req.return_token_ids:
+            choice.token_ids = [] if last else state.tokens[-1:]
+            if state.index not in started:
+                choice.prompt_token_ids = state.prompt
+                started.add(state.index)
+        return CompletionChunk(id=request_id, created=created, model=req.model, choices=[choice])
+
+    try:
+        done = 0
+        while done < len(tasks):  # every choice ends with its last piece or an exception
+            piece = await pieces.get()
+            if isinstance(piece, Exception):
+                raise piece
+            state, text, last = piece
+            done += last
+            yield chunk(state, text, last)
+        if usage is not None:
+            yield CompletionChunk(id=request_id, created=created, model=req.model, choices=[],
+                                  usage=finished_usage(usage, states))
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in runs:
+            await r.aclose()

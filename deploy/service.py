@@ -1,0 +1,87 @@
+"""What every route shares: the engine behind its asyncio bridge, the server's settings and metrics,
+and the few rules that are the same on every route (model name, default max_tokens, sampling
+parameters, starting a request). Routes get it with `Depends(get_service)`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from cluster.engine import Engine
+from deploy.engine_client import AsyncEngine
+from deploy.errors import APIError
+from deploy.generation import Generation
+from deploy.metrics import ServerMetrics
+from model_shards.requests import InvalidRequest
+from model_shards.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    model_name: str
+    api_key: str | None = None  # required on /v1/* when set
+    max_body_bytes: int = 4 << 20
+    request_timeout_s: float | None = None  # None: requests may run as long as they need
+    default_max_tokens: int = 4096  # when a chat or responses request gives none (KV is reserved for all of it)
+
+
+class ApiService:
+    def __init__(self, engine: Engine, settings: ApiSettings, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine)
+        self.settings = settings
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.vocab_size = engine.model_config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model", "model_not_found")
+
+    def default_max_tokens(self, prompt_tokens: int) -> int:
+        """For requests that give none: the server's default, or what is left of the context."""
+        return max(1, min(self.settings.default_max_tokens, self.max_model_len - prompt_tokens))
+
+    @staticmethod
+    def check_unsupported(presence_penalty: float, frequency_penalty: float) -> None:
+        if presence_penalty or frequency_penalty:
+            param = "presence_penalty" if presence_penalty else "frequency_penalty"
+            raise APIError(400, f"{param} is not supported by this server; leave it at 0", param=param,
+                           code="unsupported_parameter")
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def sampling(max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None,
+                 stops: tuple[int, ...], top_logprobs: int = 0,
+                 bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                              top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=stops,
+                              top_logprobs=top_logprobs, logit_bias=bias)
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+              names: dict[str, str] | None = None) -> Generation:
+        """Hands the request to the engine now, so that a refusal (bad input 400, full queue 429) is
+        known before any response starts. `names` renames the engine's `param` of an invalid request
+        to the route's own field (chat: prompt -> messages)."""
+        try:
+            stream = self.async_engine.submit(prompt_ids, params, request_id)
+        except InvalidRequest as exc:
+            if names and exc.param in names:
+                exc.param = names[exc.param]
+            raise
+        return Generation(stream, len(prompt_ids), self.settings.request_timeout_s, self.metrics)
+
+
+def get_service(request: Request) -> ApiService:
+    service: ApiService = request.app.state.service
+    return service
