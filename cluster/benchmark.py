@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.executor import Executor
+from cluster.kv_manager import ReplicaKV
 from cluster.messages import ChunkPlan, ReplicaStep
 from model_shards.sampling import SamplingParams
 
@@ -33,11 +34,12 @@ class DecodeRow:
 
 
 def _chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
-                 reserve: int) -> dict[int, ReplicaStep]:
+                 kv: list[ReplicaKV]) -> dict[int, ReplicaStep]:
     """Every sequence runs `tokens[seq]` at position `start` and samples the next token."""
     by_replica: dict[int, list[ChunkPlan]] = {}
     for seq, replica in seqs:
-        by_replica.setdefault(replica, []).append(ChunkPlan(seq, start, tokens[seq], reserve, True, GREEDY, 0, 0))
+        blocks = kv[replica].plan(seq, start, start + len(tokens[seq]))
+        by_replica.setdefault(replica, []).append(ChunkPlan(seq, start, tokens[seq], blocks, True, GREEDY, 0, 0))
     return {r: ReplicaStep(step_id, [], chunks) for r, chunks in by_replica.items()}
 
 
@@ -55,9 +57,13 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
     for b in batch_sizes:
         seqs = [(1000 * b + i, i % ex.num_replicas) for i in range(b)]  # round-robin over replicas
         prompts = {s: torch.randint(0, cfg.vocab_size, (input_len,), generator=gen).tolist() for s, _ in seqs}
-        reserve = input_len + warmup + steps + 1
+        spec = ex.kv
+        kv = [ReplicaKV(spec.num_blocks, spec.sliding_blocks(cfg.sliding_window), spec.block_size,
+                        cfg.sliding_window, caching=False) for _ in range(ex.num_replicas)]
+        for s, r in seqs:
+            kv[r].admit(s, [], 0, input_len + warmup + steps + 1)
         start = time.perf_counter()
-        results = ex.execute(_chunk_steps(seqs, prompts, 0, step_id, reserve))
+        results = ex.execute(_chunk_steps(seqs, prompts, 0, step_id, kv))
         prefill = time.perf_counter() - start
         last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
         times, waits = [], []
@@ -66,7 +72,7 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
             nonlocal step_id, last
             step_id += 1
             start = time.perf_counter()
-            results = ex.execute(_chunk_steps(seqs, last, input_len + i, step_id, 0))
+            results = ex.execute(_chunk_steps(seqs, last, input_len + i, step_id, kv))
             times.append(time.perf_counter() - start)
             waits.append(min(r.moe_wait_s for r in results.values()))  # the least-skewed replica
             last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}

@@ -58,6 +58,7 @@ class EngineConfig:
     max_waiting: int = option(1024, "queued requests beyond which new ones are refused (HTTP 429)", ge=1)
     max_attempts: int = option(3, "executor failures a request may live through before it ends with an error",
                                ge=1)
+    prefix_caching: bool = option(True, "reuse the KV of prompt prefixes that earlier requests computed")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -67,7 +68,8 @@ class EngineConfig:
 
     @property
     def kv(self) -> KVSpec:
-        return KVSpec(-(-self.kv_cache_tokens // self.block_size), self.block_size, self.max_num_seqs)
+        return KVSpec(-(-self.kv_cache_tokens // self.block_size), self.block_size, self.max_num_seqs,
+                      self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,19 @@ class ModelSource:
 class KVSpec:
     num_blocks: int  # full-attention KV blocks per replica (the admission budget)
     block_size: int = 16
-    max_seqs: int = 64  # sequences per replica (one sliding-window ring each)
+    max_seqs: int = 64  # sequences per replica
+    max_step_tokens: int = 2048  # tokens of one step (over every replica): bounds the sliding blocks in use
 
     @property
     def tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+    def sliding_blocks(self, window: int) -> int:
+        """Blocks of the sliding-window pool: enough for every sequence's window and one step's chunks
+        at once (so they need no reservation), twice over, so that the windows of finished prefixes stay
+        cached a while. Per sequence a step holds the blocks of [start - window + 1, start + n)."""
+        per_seq = -(-(window - 1) // self.block_size) + 3
+        return 2 * (self.max_seqs * per_seq + -(-self.max_step_tokens // self.block_size))
 
 
 def actor_device(use_gpu: bool) -> torch.device:

@@ -70,8 +70,9 @@ class LocalExecutor(Executor):
         self.cache = self._new_cache()
 
     def _new_cache(self) -> KVCache:
-        return KVCache(self.config, self.kv.num_blocks, self.kv.max_seqs, self.kv.block_size, self.model.dtype,
-                       self.model.device)
+        kv = self.kv
+        return KVCache(self.config, kv.num_blocks, kv.block_size, kv.sliding_blocks(self.config.sliding_window),
+                       self.model.dtype, self.model.device)
 
     def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()

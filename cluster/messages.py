@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model_shards.kv_cache import BlockUpdate
 from model_shards.sampling import SamplingParams
 
 
@@ -32,7 +33,7 @@ class ChunkPlan:
     seq_id: int
     start: int  # tokens of this sequence already in the replica's KV cache
     token_ids: list[int]  # the tokens to run now (prompt chunk, or the last sampled token)
-    reserve: int  # KV positions to reserve for the sequence before running (0: already reserved)
+    blocks: BlockUpdate  # what the replica's block tables gain (and lose) before the chunk runs
     sample: bool  # True when the chunk reaches the end of the known tokens: sample the next one
     params: SamplingParams  # temperature / top_p drive sampling on the replica
     seed: int  # resolved seed: sampling depends only on (seed, index), so retries reproduce it
@@ -42,7 +43,7 @@ class ChunkPlan:
 @dataclass
 class ReplicaStep:
     step_id: int
-    release: list[int]  # sequences whose KV is freed before this step (finished, aborted, reset)
+    release: list[int]  # sequences whose block tables the replica forgets before this step (finished, aborted)
     chunks: list[ChunkPlan]  # may be empty: then the replica only releases and answers at once
 
 

@@ -34,8 +34,9 @@ class AttentionReplica:
         self.reset()
 
     def reset(self) -> None:
-        kv = self.spec.kv
-        self.kv = KVCache(self.model.config, kv.num_blocks, kv.max_seqs, kv.block_size, self.model.dtype, self.device)
+        kv, cfg = self.spec.kv, self.model.config
+        self.kv = KVCache(cfg, kv.num_blocks, kv.block_size, kv.sliding_blocks(cfg.sliding_window), self.model.dtype,
+                          self.device)
 
     def serve(self, ep: Endpoint) -> None:
         while True:

@@ -1,5 +1,5 @@
-"""What an attention replica does with one `ReplicaStep`: free and reserve KV, run the step's
-chunks through the model (the MoE computed by whatever `moe` does), sample where asked.
+"""What an attention replica does with one `ReplicaStep`: update its block tables as the engine says,
+run the step's chunks through the model (the MoE computed by whatever `moe` does), sample where asked.
 
 Shared by the local executor (MoE in process) and the attention-replica actor (MoE through the
 router), so both engines take exactly the same path around the model.
@@ -18,12 +18,11 @@ from model_shards.sampling import sample
 
 def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: MoeFn | None = None) -> list[Sampled]:
     for seq_id in step.release:
-        kv.free(seq_id)
+        kv.forget(seq_id)
     if not step.chunks:
         return []
     for chunk in step.chunks:
-        if chunk.reserve:
-            kv.reserve(chunk.seq_id, chunk.reserve)
+        kv.update(chunk.seq_id, chunk.blocks)
     layout = plan_step([SeqChunk(c.seq_id, c.start, len(c.token_ids)) for c in step.chunks], model.device)
     ids = torch.tensor([t for c in step.chunks for t in c.token_ids], dtype=torch.long, device=model.device)
     logits = model.forward(ids, layout, kv, moe)  # [S, V]

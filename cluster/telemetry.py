@@ -69,5 +69,8 @@ class ExecutorStats:
 class EngineLoad:
     running: int
     waiting: int
-    kv_usage: float  # mean over replicas of the KV blocks reserved by the engine
+    kv_usage: float  # mean over replicas of the full-attention KV blocks in use (a shared block counts once)
     steps: int
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_hits: int = 0  # of those, tokens whose KV was reused
+    kv_cached_share: float = 0.0  # mean over replicas of the KV blocks that hold reusable prefix content

@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
-from cluster.engine import EngineOverloaded, EngineUnavailable
+from cluster.events import EngineOverloaded, EngineUnavailable
 from cluster.options import OptionValue
 from cluster.executor import ExecutorFailure
 from deploy import commands
@@ -40,7 +40,7 @@ from model_shards.tokenizer import TokenizerUnavailable, use_vocab_dir
 # (and as JSON with --json), never as a traceback.
 USER_ERRORS = (InvalidRequest, CheckpointError, ConfigError, ChatFormatError, TokenizerUnavailable,
                commands.UsageError, FileNotFoundError, ValueError, EngineOverloaded, EngineUnavailable,
-               ExecutorFailure, ServeFailed)
+               ExecutorFailure, ServeFailed, ConnectionError)
 RAY_ONLY = ("host", "port", "metrics_export_port")  # LaunchOptions that only `serve` has
 
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--prompt-type", choices=["tokens", "text"], default="tokens")
     bs.add_argument("--api-key")
     bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--shared-prefix", type=int, default=0,
+                    help="tokens (or words) that every prompt starts with, before its own --input-len")
 
     t = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the real gpt-oss layout")
     t.add_argument("out")
@@ -126,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if min(args.concurrency or [0]) < 1 or args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
                 raise commands.UsageError("concurrency, --num-prompts, --input-len and --output-len must be positive")
+            if args.shared_prefix < 0:
+                raise commands.UsageError("--shared-prefix must be >= 0")
             print(bench_serve(args.url, list(args.concurrency), args.num_prompts, args.input_len, args.output_len,
-                              args.model, args.prompt_type, args.api_key, args.seed))
+                              args.model, args.prompt_type, args.api_key, args.seed, args.shared_prefix))
         elif args.command == "bench":
             print(commands.bench(args))
         elif args.command == "make-tiny":

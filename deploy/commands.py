@@ -112,8 +112,10 @@ def bench(args: argparse.Namespace) -> str:
     need = max(args.batch_sizes) * (args.input_len + args.steps + 8)
     rows, hops, config = [], [], None
     for name in engines:
-        room = dataclasses.replace(base.engine, engine=name, kv_cache_tokens=max(base.engine.kv_cache_tokens, need),
-                                   max_num_seqs=max(base.engine.max_num_seqs, max(args.batch_sizes)))
+        room = dataclasses.replace(  # the benchmark prefills every prompt in one step
+            base.engine, engine=name, kv_cache_tokens=max(base.engine.kv_cache_tokens, need),
+            max_num_seqs=max(base.engine.max_num_seqs, max(args.batch_sizes)),
+            max_num_batched_tokens=max(base.engine.max_num_batched_tokens, max(args.batch_sizes) * args.input_len))
         executor = build_executor(dataclasses.replace(base, engine=room), ray_address(args))
         try:
             config = executor.config

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from cluster.engine import Engine, Event
+from cluster.engine import Engine
+from cluster.events import Event
 from model_shards.sampling import SamplingParams
 
 
@@ -34,17 +35,23 @@ class EventStream:
             self.finished = event
         return event
 
-    async def aclose(self) -> None:
+    def abort(self) -> None:
+        """Ends the request unless it has ended (its KV is freed at the next step)."""
         if self.finished is None:
             self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EventStream:
-        """Raises at once for a request that cannot be accepted (bad input, full queue)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               leader: str | None = None) -> EventStream:
+        """Raises at once for a request that cannot be accepted (bad input, full queue). `leader`: see
+        Engine.submit."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -52,5 +59,5 @@ class AsyncEngine:
             if not loop.is_closed():  # a client whose loop is gone has stopped listening
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        self.engine.submit(prompt_ids, params, request_id, sink=sink)
+        self.engine.submit(prompt_ids, params, request_id, sink=sink, leader=leader)
         return EventStream(self.engine, request_id, queue)

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.engine import EngineOverloaded, EngineUnavailable
+from cluster.events import EngineOverloaded, EngineUnavailable
 from model_shards.chat import ChatFormatError
 from model_shards.requests import InvalidRequest
 

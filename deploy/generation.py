@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import time
 from types import TracebackType
+from typing import AsyncIterator, TypeVar
 
-from cluster.engine import EngineUnavailable, Event
+from cluster.events import EngineUnavailable, Event
 from deploy.engine_client import EventStream
 from deploy.metrics import ServerMetrics
-from deploy.protocol import Usage
+from deploy.protocol import PromptTokensDetails, Usage
+
+T = TypeVar("T")
 
 
 class Generation:
@@ -68,9 +71,10 @@ class Generation:
         return finished.finish_reason or "stop" if finished is not None else "abort"
 
     @property
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
-                     total_tokens=self.prompt_tokens + self.generated)
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (known once the request ended)."""
+        finished = self.stream.finished
+        return finished.cached_tokens if finished is not None else 0
 
     async def aclose(self) -> None:
         if self._closed:
@@ -87,3 +91,42 @@ class Generation:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+
+def usage(prompts: list[Generation], runs: list[Generation]) -> Usage:
+    """Usage of a request: every prompt counted once (`prompts`: one run per prompt, the one whose
+    prefix-cache hit is reported), the tokens of every run (choice)."""
+    prompt = sum(r.prompt_tokens for r in prompts)
+    generated = sum(r.generated for r in runs)
+    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(r.cached_tokens for r in prompts)))
+
+
+async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """The items of several async iterators as they come (each one's in its order); the first
+    exception of any ends the whole."""
+    queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            _, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                left -= 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()

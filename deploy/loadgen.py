@@ -2,10 +2,13 @@
 
 Each request streams /v1/completions with a prompt of `input_len` random token ids (vLLM accepts
 these too; `--prompt-type text` sends random words instead) and asks for `output_len` tokens with
-`ignore_eos`. At each concurrency, `num_prompts` requests run with at most that many in flight.
-Definitions follow vLLM's benchmark: TTFT = time to the first streamed chunk with text; ITL = gaps
-between consecutive chunks; E2EL = time to the end of the response; TPOT = (E2EL - TTFT) / (tokens
-- 1); output throughput = generated tokens / wall time of the run.
+`ignore_eos` and `return_token_ids`. With `--shared-prefix N` every prompt starts with the same N
+tokens (a system prompt, say), which a prefix cache can reuse. At each concurrency, `num_prompts`
+requests run with at most that many in flight. Definitions follow vLLM's benchmark: TTFT = time to
+the first streamed chunk with text or token ids (a server started without a tokenizer streams only
+ids); ITL = gaps between consecutive such chunks; E2EL = time to the end of the response; TPOT =
+(E2EL - TTFT) / (tokens - 1); output throughput = generated tokens / wall time of the run. Failed
+requests are counted by reason (HTTP status and the server's message), and the table says why.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections import Counter
+from typing import TypedDict
 
 import httpx
 
@@ -39,6 +43,7 @@ class LevelReport:
     concurrency: int
     requests: int
     failed: int
+    errors: dict[str, int]  # why requests failed: reason -> count
     duration_s: float
     request_throughput: float
     output_throughput: float  # generated tokens per second
@@ -59,7 +64,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(ordered) * 1e3}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, body: CompletionBody) -> RequestResult:
     start = time.perf_counter()
     result = RequestResult(ok=False)
     last = None
@@ -80,7 +85,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
                     return result
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                if any(c.get("text") or c.get("token_ids") for c in chunk.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:
                         result.ttft = now - start
@@ -93,29 +98,43 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     result.e2el = time.perf_counter() - start
     result.ok = last is not None
     if not result.ok:
-        result.error = "no text streamed"
+        result.error = "the stream carried neither text nor token ids"
     return result
 
 
-def _prompt(rng: random.Random, kind: str, length: int) -> Any:
+class CompletionBody(TypedDict):
+    model: str
+    prompt: list[int] | str
+    max_tokens: int
+    temperature: float
+    stream: bool
+    stream_options: dict[str, bool]
+    ignore_eos: bool
+    return_token_ids: bool
+
+
+def _prompt(rng: random.Random, kind: str, length: int, prefix: list[int] | str) -> list[int] | str:
     if kind == "tokens":
-        return [rng.randrange(1000, 199_000) for _ in range(length)]
-    return " ".join(rng.choice(WORDS) for _ in range(length))
+        assert isinstance(prefix, list)
+        return prefix + [rng.randrange(1000, 199_000) for _ in range(length)]
+    return f"{prefix} " * bool(prefix) + " ".join(rng.choice(WORDS) for _ in range(length))
 
 
 async def run_level(base_url: str, model: str, concurrency: int, num_prompts: int, input_len: int, output_len: int,
-                    prompt_type: str, api_key: str | None, seed: int) -> LevelReport:
+                    prompt_type: str, api_key: str | None, seed: int, shared_prefix: int = 0) -> LevelReport:
     rng = random.Random(seed)
+    prefix = _prompt(random.Random(seed + 1), prompt_type, shared_prefix, [] if prompt_type == "tokens" else "")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
     url = base_url.rstrip("/") + "/completions"
 
-    async def guarded(client: httpx.AsyncClient, body: dict[str, Any]) -> RequestResult:
+    async def guarded(client: httpx.AsyncClient, body: CompletionBody) -> RequestResult:
         async with limit:
             return await one_request(client, url, body)
 
-    bodies = [{"model": model, "prompt": _prompt(rng, prompt_type, input_len), "max_tokens": output_len,
-               "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    bodies = [CompletionBody(model=model, prompt=_prompt(rng, prompt_type, input_len, prefix), max_tokens=output_len,
+                             temperature=0.0, stream=True, stream_options={"include_usage": True}, ignore_eos=True,
+                             return_token_ids=True)
               for _ in range(num_prompts)]
     timeout = httpx.Timeout(600.0, connect=30.0)
     async with httpx.AsyncClient(headers=headers, timeout=timeout,
@@ -126,20 +145,44 @@ async def run_level(base_url: str, model: str, concurrency: int, num_prompts: in
     good = [r for r in results if r.ok]
     tokens = sum(r.output_tokens or len(r.itl) + 1 for r in good)
     tpot = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in good if r.output_tokens > 1]
-    return LevelReport(concurrency, len(results), len(results) - len(good), duration, len(good) / duration,
+    errors = Counter(r.error for r in results if not r.ok)
+    return LevelReport(concurrency, len(results), len(results) - len(good), dict(errors), duration, len(good) / duration,
                        tokens / duration, percentiles([r.ttft for r in good]), percentiles(tpot),
                        percentiles([x for r in good for x in r.itl]), percentiles([r.e2el for r in good]))
 
 
+class ServerUnreachable(ConnectionError):
+    """The server under test did not answer /v1/models."""
+
+
 async def first_model(base_url: str, api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(headers=headers, timeout=30.0) as client:
-        response = await client.get(base_url.rstrip("/") + "/models")
-        response.raise_for_status()
-        return response.json()["data"][0]["id"]
+    url = base_url.rstrip("/") + "/models"
+    try:
+        async with httpx.AsyncClient(headers=headers, timeout=30.0) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        raise ServerUnreachable(f"cannot reach {url}: {type(exc).__name__}: {exc or 'no answer'}") from None
+    if response.status_code != 200:
+        raise ServerUnreachable(f"{url} answered HTTP {response.status_code}: {response.text[:200]}")
+    return str(response.json()["data"][0]["id"])
 
 
-def report(levels: list[LevelReport], extra: dict[str, Any]) -> str:
+@dataclass
+class ServeReport:
+    """What the JSON line says besides the levels: the run's settings."""
+
+    url: str
+    model: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    prompt_type: str
+    shared_prefix: int
+    bench: str = "serve"
+
+
+def report(levels: list[LevelReport], extra: ServeReport) -> str:
     header = (f"{'conc':>5} {'reqs':>5} {'fail':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
               f"{'ITL p50':>8} {'p90':>7} {'p99':>7} {'E2EL p50':>9} {'p90':>8} {'p99':>8}  (ms)")
     lines = [header, "-" * len(header)]
@@ -149,19 +192,20 @@ def report(levels: list[LevelReport], extra: dict[str, Any]) -> str:
                      f"{lv.ttft_ms['p99']:>8.1f} {lv.itl_ms['p50']:>8.1f} {lv.itl_ms['p90']:>7.1f} "
                      f"{lv.itl_ms['p99']:>7.1f} {lv.e2el_ms['p50']:>9.1f} {lv.e2el_ms['p90']:>8.1f} "
                      f"{lv.e2el_ms['p99']:>8.1f}")
-    lines.append(json.dumps({**extra, "levels": [asdict(lv) for lv in levels]}))
+    for lv in levels:
+        for reason, count in sorted(lv.errors.items(), key=lambda item: -item[1]):
+            lines.append(f"concurrency {lv.concurrency}: {count} failed: {reason}")
+    lines.append(json.dumps({**asdict(extra), "levels": [asdict(lv) for lv in levels]}))
     return "\n".join(lines)
 
 
 def bench_serve(url: str, concurrency: list[int], num_prompts: int, input_len: int, output_len: int,
                 model: str | None = None, prompt_type: str = "tokens", api_key: str | None = None,
-                seed: int = 0) -> str:
+                seed: int = 0, shared_prefix: int = 0) -> str:
     async def main() -> str:
         name = model or await first_model(url, api_key)
-        levels = [await run_level(url, name, c, num_prompts, input_len, output_len, prompt_type, api_key, seed)
-                  for c in concurrency]
-        extra = {"bench": "serve", "url": url, "model": name, "num_prompts": num_prompts, "input_len": input_len,
-                 "output_len": output_len, "prompt_type": prompt_type}
-        return report(levels, extra)
+        levels = [await run_level(url, name, c, num_prompts, input_len, output_len, prompt_type, api_key, seed,
+                                  shared_prefix) for c in concurrency]
+        return report(levels, ServeReport(url, name, num_prompts, input_len, output_len, prompt_type, shared_prefix))
 
     return asyncio.run(main())

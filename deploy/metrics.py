@@ -22,7 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from ray.util.metrics import Gauge
 
-from cluster.engine import Engine, RequestTimes
+from cluster.engine import Engine
+from cluster.events import RequestTimes
 from cluster.telemetry import ExecutorStats, HistogramSnapshot
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,19 @@ class EngineCollector(Collector):
         for metric, value, text in (
                 ("gptoss_num_requests_running", load.running, "requests being generated"),
                 ("gptoss_num_requests_waiting", load.waiting, "requests queued for admission"),
-                ("gptoss_kv_cache_usage_ratio", load.kv_usage, "fraction of KV blocks reserved, over replicas")):
+                ("gptoss_kv_cache_usage_ratio", load.kv_usage,
+                 "fraction of KV blocks in use, mean over replicas (a block shared by several requests counts once)"),
+                ("gptoss_kv_cache_cached_ratio", load.kv_cached_share,
+                 "fraction of KV blocks holding reusable prefix content, mean over replicas")):
             family = GaugeMetricFamily(metric, text, labels=["model_name"])
             family.add_metric(name, float(value))
             yield family
+        for metric, count, text in (
+                ("gptoss_prefix_cache_queries", load.prefix_queries, "prompt tokens looked up in the prefix cache"),
+                ("gptoss_prefix_cache_hits", load.prefix_hits, "prompt tokens whose KV came from the prefix cache")):
+            counter = CounterMetricFamily(metric, text, labels=["model_name"])
+            counter.add_metric(name, float(count))
+            yield counter
         stats = self._executor_stats()
         experts = CounterMetricFamily("gptoss_expert_tokens", "tokens routed to each expert, summed over layers",
                                       labels=["model_name", "expert"])

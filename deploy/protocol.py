@@ -20,6 +20,7 @@ MAX_PROMPTS = 64  # prompts in one completions request
 MAX_MESSAGES = 2048
 MAX_TOOLS = 128
 MAX_COMPLETION_LOGPROBS = 5
+MAX_CHOICES = 16  # n; the prompt's KV is shared, each choice costs its own decode
 
 
 class Strict(BaseModel):
@@ -70,7 +71,7 @@ class SamplingFields(Strict):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="only one choice per prompt is supported")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices per prompt; choice i samples with seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -202,10 +203,15 @@ class ResponsesRequest(Strict):
 
 # -- responses out ---------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -393,8 +399,13 @@ class OutputTokensDetails(BaseModel):
     reasoning_tokens: int
 
 
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
+    input_tokens_details: InputTokensDetails
     output_tokens: int
     output_tokens_details: OutputTokensDetails
     total_tokens: int

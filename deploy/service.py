@@ -4,6 +4,7 @@ parameters, starting a request). Routes get it with `Depends(get_service)`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from deploy.errors import APIError
 from deploy.generation import Generation
 from deploy.metrics import ServerMetrics
 from model_shards.requests import InvalidRequest
-from model_shards.sampling import SamplingParams
+from model_shards.sampling import SamplingParams, new_seed
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,39 @@ class ApiService:
                               top_logprobs=top_logprobs, logit_bias=bias)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-              names: dict[str, str] | None = None) -> Generation:
+              names: dict[str, str] | None = None, leader: str | None = None) -> Generation:
         """Hands the request to the engine now, so that a refusal (bad input 400, full queue 429) is
         known before any response starts. `names` renames the engine's `param` of an invalid request
         to the route's own field (chat: prompt -> messages)."""
         try:
-            stream = self.async_engine.submit(prompt_ids, params, request_id)
+            stream = self.async_engine.submit(prompt_ids, params, request_id, leader)
         except InvalidRequest as exc:
             if names and exc.param in names:
                 exc.param = names[exc.param]
             raise
         return Generation(stream, len(prompt_ids), self.settings.request_timeout_s, self.metrics)
+
+    def start_choices(self, prompts: list[list[int]], params: SamplingParams, request_id: str, n: int = 1,
+                      names: dict[str, str] | None = None) -> list[Generation]:
+        """`n` choices of every prompt, prompt-major (choice index = prompt * n + i). Choice i samples
+        with seed + i (the request's seed, or one drawn per prompt), so each is reproducible alone; the
+        choices after the first share the first one's prompt KV. All or nothing: a refusal ends the
+        ones already started."""
+        runs: list[Generation] = []
+        try:
+            for j, prompt in enumerate(prompts):
+                base = params.seed if params.seed is not None else new_seed()
+                leader = None
+                for i in range(n):
+                    run = self.start(prompt, dataclasses.replace(params, seed=base + i), f"{request_id}-{j * n + i}",
+                                     names, leader)
+                    leader = leader or run.stream.request_id
+                    runs.append(run)
+        except BaseException:
+            for run in runs:
+                run.stream.abort()
+            raise
+        return runs
 
 
 def get_service(request: Request) -> ApiService:

@@ -1,19 +1,23 @@
-"""KV cache: paged blocks for full-attention layers, a ring of `sliding_window` entries per
-sequence for sliding layers.
+"""KV cache storage of one attention replica: paged blocks for every layer, addressed through block
+tables that someone else decides (the engine owns allocation: cluster/kv_manager.py). This module only
+stores tensors and turns block ids into row indices.
 
-Keys are stored after RoPE. A full layer needs every past position, so its cache grows in blocks of
-`block_size` tokens taken from a shared pool (admission control counts these blocks). A sliding layer
-only ever looks at the last 128 positions, so each sequence owns one ring of exactly that many
-entries; position p lives at ring index p % window.
+Two pools of blocks: full-attention layers use `num_blocks` blocks (every past position of a sequence
+stays), sliding-window layers use `sliding_blocks` blocks of their own (a sequence only keeps the
+blocks still inside its window: the engine drops, and reuses, those that fell out). Per layer the
+rows are a [blocks * block_size, nkv, d] tensor; block b holds rows [b*bs, (b+1)*bs).
 
-Within a step, attention reads the PAST from the cache and the step's own new keys directly (see
-attention.py), then the new keys are written. That is what lets a prefill chunk longer than the
-window attend correctly although the ring keeps only the last window of it.
+Each sequence has a full table (the blocks of positions [0, n), in order) and a sliding table (block
+index -> id, for the blocks inside the window). Keys are stored after RoPE. Within a step, attention
+reads the PAST from the cache and the step's own new keys directly (attention.py), then the new keys
+are written: every position of a chunk is written to both tables, so a complete block of either kind
+holds all its content and can be shared by sequences with the same prefix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,133 +26,149 @@ from model_shards.config import GptOssConfig
 
 
 class KVCacheFull(RuntimeError):
-    """Not enough free blocks or sequence slots for a reservation."""
+    """A step needs positions that the sequence's block tables do not cover."""
+
+
+@dataclass(frozen=True)
+class BlockUpdate:
+    """What the engine tells a replica about one sequence's tables before a chunk runs."""
+
+    full: tuple[int, ...] = ()  # block ids appended to the full table (from block 0 on a new sequence)
+    sliding: tuple[tuple[int, int], ...] = ()  # (block index, block id) added to the sliding table
+    sliding_from: int = 0  # sliding entries below this block index are gone (out of the window)
+
+
+@dataclass
+class SeqTables:
+    full: list[int] = field(default_factory=list)
+    sliding: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class StepKV:
     """The cache's index tensors for one step (built once, used by every layer)."""
 
-    full_past_rows: torch.Tensor  # [S, P] pool row of each past position (0 where invalid)
+    full_past_rows: torch.Tensor  # [S, P] row of each past position (0 where invalid)
     full_past_valid: torch.Tensor  # [S, P] bool
-    full_write_rows: torch.Tensor  # [T] pool row for every new token
-    ring_past_rows: torch.Tensor  # [S, W] ring row of each ring entry
-    ring_past_pos: torch.Tensor  # [S, W] position held by that entry
-    ring_past_valid: torch.Tensor  # [S, W] bool
-    ring_write_tokens: torch.Tensor  # [T'] flat token indices that land in the ring (last W per chunk)
-    ring_write_rows: torch.Tensor  # [T'] their ring rows
+    full_write_rows: torch.Tensor  # [T] row of every new token
+    slide_past_rows: torch.Tensor  # [S, W-1] rows of the W-1 positions before each chunk (0 where invalid)
+    slide_past_pos: torch.Tensor  # [S, W-1] those positions
+    slide_past_valid: torch.Tensor  # [S, W-1] bool (position >= 0)
+    slide_write_rows: torch.Tensor  # [T] sliding row of every new token
 
 
 class KVCache:
-    def __init__(self, cfg: GptOssConfig, num_blocks: int, max_seqs: int, block_size: int = 16,
+    def __init__(self, cfg: GptOssConfig, num_blocks: int, block_size: int = 16, sliding_blocks: int | None = None,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> None:
-        if num_blocks < 1 or max_seqs < 1 or block_size < 1:
-            raise ValueError("num_blocks, max_seqs and block_size must be positive")
+        """`sliding_blocks` defaults to `num_blocks`."""
+        sliding_blocks = num_blocks if sliding_blocks is None else sliding_blocks
+        if min(num_blocks, block_size, sliding_blocks) < 1:
+            raise ValueError("num_blocks, sliding_blocks and block_size must be positive")
         self.cfg = cfg
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.max_seqs = max_seqs
+        self.sliding_blocks = sliding_blocks
         self.window = cfg.sliding_window
         self.device = torch.device(device)
-        kv = (cfg.num_key_value_heads, cfg.head_dim)
-        # Per layer: full layers [num_blocks * block_size, nkv, d]; sliding [max_seqs * window, nkv, d].
-        self.k: list[torch.Tensor] = []
+        self.k: list[torch.Tensor] = []  # per layer [rows, nkv, d]
         self.v: list[torch.Tensor] = []
         for layer in range(cfg.num_hidden_layers):
-            rows = max_seqs * self.window if cfg.is_sliding(layer) else num_blocks * block_size
-            self.k.append(torch.zeros(rows, *kv, dtype=dtype, device=self.device))
-            self.v.append(torch.zeros(rows, *kv, dtype=dtype, device=self.device))
-        self._free_blocks = list(range(num_blocks - 1, -1, -1))
-        self._free_slots = list(range(max_seqs - 1, -1, -1))
-        self._tables: dict[int, list[int]] = {}
-        self._slots: dict[int, int] = {}
+            blocks = sliding_blocks if cfg.is_sliding(layer) else num_blocks
+            shape = (blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+            self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
+        self.tables: dict[int, SeqTables] = {}
+        self._refs: Counter[int] = Counter()  # full block id -> tables that hold it (blocks are shared)
 
-    # -- accounting ------------------------------------------------------------------------------
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+    # -- tables ----------------------------------------------------------------------------------
+    def update(self, seq_id: int, update: BlockUpdate) -> None:
+        t = self.tables.setdefault(seq_id, SeqTables())
+        t.full.extend(update.full)
+        self._refs.update(update.full)
+        for index in [i for i in t.sliding if i < update.sliding_from]:
+            del t.sliding[index]
+        t.sliding.update(update.sliding)
 
-    def _missing(self, seq_id: int, num_tokens: int) -> tuple[int, int]:
-        blocks = self.blocks_for(num_tokens) - len(self._tables.get(seq_id, ()))
-        return max(blocks, 0), 0 if seq_id in self._slots else 1
+    def forget(self, seq_id: int) -> None:
+        t = self.tables.pop(seq_id, None)
+        if t is not None:
+            self._refs.subtract(t.full)
+            for block in t.full:
+                if self._refs[block] <= 0:
+                    del self._refs[block]
 
-    def reserve(self, seq_id: int, num_tokens: int) -> None:
-        """Make room for positions [0, num_tokens) of a sequence; all or nothing."""
-        blocks, slots = self._missing(seq_id, num_tokens)
-        if blocks > len(self._free_blocks) or slots > len(self._free_slots):
-            raise KVCacheFull(f"sequence {seq_id} needs {blocks} more KV blocks and {slots} slot(s); "
-                              f"{len(self._free_blocks)} blocks and {len(self._free_slots)} slots are free")
-        if slots:
-            self._slots[seq_id] = self._free_slots.pop()
-        table = self._tables.setdefault(seq_id, [])
-        table.extend(self._free_blocks.pop() for _ in range(blocks))
-
-    def free(self, seq_id: int) -> None:
-        self._free_blocks.extend(reversed(self._tables.pop(seq_id, [])))
-        if seq_id in self._slots:
-            self._free_slots.append(self._slots.pop(seq_id))
-
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free_blocks)
+    def place(self, seq_id: int, num_tokens: int) -> None:
+        """Tables for one sequence on the first blocks of both pools: for running the model without an
+        engine, as tests and scripts do."""
+        n = -(-num_tokens // self.block_size)
+        if n > min(self.num_blocks, self.sliding_blocks):
+            raise KVCacheFull(f"{num_tokens} tokens need {n} blocks of each pool")
+        self.update(seq_id, BlockUpdate(tuple(range(n)), tuple((i, i) for i in range(n))))
 
     def usage(self) -> float:
-        """Fraction of full-layer blocks in use (the resource admission control runs out of)."""
-        return 1.0 - len(self._free_blocks) / self.num_blocks
+        """Fraction of full-attention blocks some table holds (a block shared by several sequences
+        counts once)."""
+        return len(self._refs) / self.num_blocks
 
     # -- one step --------------------------------------------------------------------------------
     def view(self, layout: StepLayout) -> StepKV:
         bs, w, dev = self.block_size, self.window, self.device
+        width = max(self._blocks(c.start + c.length) for c in layout.chunks)
+        full, slide, slide_base = [], [], []
         for chunk in layout.chunks:
-            if len(self._tables.get(chunk.seq_id, ())) < self.blocks_for(chunk.start + chunk.length):
-                raise KVCacheFull(f"sequence {chunk.seq_id} has no KV reserved up to position "
-                                  f"{chunk.start + chunk.length}")
-        width = max(len(self._tables[c.seq_id]) for c in layout.chunks)
-        table = torch.tensor([self._tables[c.seq_id] + [0] * (width - len(self._tables[c.seq_id]))
-                              for c in layout.chunks], dtype=torch.long, device=dev)  # [S, blocks]
-        slots = torch.tensor([self._slots[c.seq_id] for c in layout.chunks], dtype=torch.long, device=dev)  # [S]
+            t = self.tables.get(chunk.seq_id)
+            end = chunk.start + chunk.length
+            if t is None or len(t.full) < self._blocks(end):
+                raise KVCacheFull(f"sequence {chunk.seq_id} has no full-attention blocks up to position {end}")
+            full.append(t.full[:width] + [0] * (width - min(width, len(t.full))))
+            first = max(0, chunk.start - (w - 1)) // bs  # the sliding blocks this chunk reads or writes
+            slide_base.append(first)
+            slide.append([t.sliding.get(i, -1) for i in range(first, self._blocks(end))])
+        full_table = torch.tensor(full, dtype=torch.long, device=dev)  # [S, blocks]
+        slide_width = max(len(row) for row in slide)
+        slide_table = torch.tensor([row + [-1] * (slide_width - len(row)) for row in slide], dtype=torch.long,
+                                   device=dev)  # [S, blocks from each chunk's first]
+        base = torch.tensor(slide_base, dtype=torch.long, device=dev)  # [S]
+
         past = layout.past_len  # [S]
+        pos = torch.arange(self._blocks(int(past.max())) * bs, device=dev)  # [P]
+        full_past_valid = pos[None, :] < past[:, None]  # [S, P]
+        full_past_rows = full_table[:, pos // bs] * bs + pos % bs
+        positions, seq = layout.positions, layout.seq_index  # [T]
+        full_write_rows = full_table[seq, positions // bs] * bs + positions % bs
 
-        past_blocks = self.blocks_for(int(past.max()))
-        pos = torch.arange(past_blocks * bs, device=dev)  # [P]
-        full_past_rows = table[:, :past_blocks].repeat_interleave(bs, dim=1) * bs + pos % bs  # [S, P]
-        full_past_valid = pos[None, :] < past[:, None]
-
-        positions, seq = layout.positions, layout.seq_index
-        full_write_rows = table[seq, positions // bs] * bs + positions % bs  # [T]
-
-        j = torch.arange(w, device=dev)[None, :]  # [1, W]
-        last = (past - 1)[:, None]  # [S, 1] newest cached position
-        ring_pos = last - torch.remainder(last - j, w)  # [S, W] newest position p <= last with p % W == j
-        ring_rows = slots[:, None] * w + j
-
-        ends = past + torch.tensor([c.length for c in layout.chunks], device=dev)  # [S]
-        keep = positions >= ends[seq] - w  # only the last W tokens of a chunk stay in the ring
-        ring_tokens = torch.nonzero(keep).squeeze(1)
+        slide_pos = past[:, None] - (w - 1) + torch.arange(w - 1, device=dev)[None, :]  # [S, W-1]
+        slide_valid = slide_pos >= 0
+        past_index = (slide_pos.clamp(min=0) // bs - base[:, None]).clamp(min=0)
+        past_blocks = slide_table.gather(1, past_index)  # [S, W-1]
+        write_blocks = slide_table[seq, positions // bs - base[seq]]  # [T]
+        if bool((past_blocks[slide_valid] < 0).any()) or bool((write_blocks < 0).any()):
+            raise KVCacheFull("a sequence's sliding-window table lacks a block this step reads or writes")
         return StepKV(
             full_past_rows=full_past_rows * full_past_valid,
             full_past_valid=full_past_valid,
             full_write_rows=full_write_rows,
-            ring_past_rows=ring_rows,
-            ring_past_pos=ring_pos,
-            ring_past_valid=ring_pos >= 0,
-            ring_write_tokens=ring_tokens,
-            ring_write_rows=slots[seq[ring_tokens]] * w + positions[ring_tokens] % w,
+            slide_past_rows=(past_blocks * bs + slide_pos % bs) * slide_valid,
+            slide_past_pos=slide_pos,
+            slide_past_valid=slide_valid,
+            slide_write_rows=write_blocks * bs + positions % bs,
         )
+
+    def _blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
     def past(self, layer: int, view: StepKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> keys, values [S, P, nkv, d], their positions [S, P] and validity [S, P]."""
+        k, v = self.k[layer], self.v[layer]
         if self.cfg.is_sliding(layer):
-            rows, pos, valid = view.ring_past_rows, view.ring_past_pos, view.ring_past_valid
+            rows, pos, valid = view.slide_past_rows, view.slide_past_pos, view.slide_past_valid
         else:
             rows, valid = view.full_past_rows, view.full_past_valid
             pos = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-        return self.k[layer][rows], self.v[layer][rows], pos, valid
+        return k[rows], v[rows], pos, valid
 
     def write(self, layer: int, view: StepKV, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, nkv, d] of this step's tokens."""
-        if self.cfg.is_sliding(layer):
-            self.k[layer][view.ring_write_rows] = k[view.ring_write_tokens]
-            self.v[layer][view.ring_write_rows] = v[view.ring_write_tokens]
-        else:
-            self.k[layer][view.full_write_rows] = k
-            self.v[layer][view.full_write_rows] = v
+        rows = view.slide_write_rows if self.cfg.is_sliding(layer) else view.full_write_rows
+        self.k[layer][rows] = k
+        self.v[layer][rows] = v

@@ -46,8 +46,8 @@ class GptOssModel:
         self.device = weights.globals.embedding.device
         self.rope = Rope(self.config, self.device)
 
-    def new_cache(self, num_blocks: int, max_seqs: int, block_size: int = 16) -> KVCache:
-        return KVCache(self.config, num_blocks, max_seqs, block_size, self.dtype, self.device)
+    def new_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
+        return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
 
     def local_moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
         return moe_block(t, self.weights.routers[layer], self.weights.experts[layer], self.config)

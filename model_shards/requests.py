@@ -26,6 +26,8 @@ class Completion:
     token_ids: list[int]  # generated ids, including the stop token when one ended the sequence
     logprobs: list[float]  # log-prob of each generated id under the unmodified distribution
     finish_reason: str  # "stop" (a stop token), "length" (max_tokens) or "abort"
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
+    replica: int | None = None  # the attention replica that ran it
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, cfg: GptOssConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -9,9 +10,9 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from cluster.engine import Event
+from cluster.events import Event
 from deploy.errors import bad_request
-from deploy.generation import Generation
+from deploy.generation import Generation, merged, usage
 from deploy.protocol import (ERROR_RESPONSES, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                              ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs, FunctionCall,
                              TokenLogprob, ToolCallDelta, ToolCallFunctionDelta, ToolCallOut, TopLogprob,
@@ -125,62 +126,79 @@ def chat_delta(d: Delta) -> ChatDelta:
         function=ToolCallFunctionDelta(name=d.tool_name, arguments=d.text))])
 
 
+async def run_choice(run: Generation, state: ChatState) -> AsyncIterator[tuple[list[Delta], Event | None]]:
+    """Drive one choice to its end: (visible deltas, the token's event) as they come, then the deltas
+    only known at the end (with no event)."""
+    async with run:
+        async for event in run:
+            yield state.feed(event), event
+            if state.stops.stopped:
+                run.stop()
+                break
+    yield state.finish(), None
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
              responses={**ERROR_RESPONSES, **STREAM_RESPONSE})
 async def chat_completions(req: ChatCompletionRequest,
                            service: ApiService = Depends(get_service)) -> ChatCompletion | StreamingResponse:
     prep = prepare(service, req)
     request_id = service.new_id("chatcmpl")
-    run = service.start(prep.prompt_ids, prep.params, request_id, PARAM_NAMES)
-    state = ChatState(StopFilter(prep.stop_strings), prep.logprobs)
+    runs = service.start_choices([prep.prompt_ids], prep.params, request_id, req.n, PARAM_NAMES)
+    states = [ChatState(StopFilter(prep.stop_strings), prep.logprobs) for _ in runs]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(stream_chat(run, state, req.model, request_id, include_usage))
-    async with run:
-        async for event in run:
-            state.feed(event)
-            if state.stops.stopped:
-                run.stop()
-                break
-    state.finish()
+        return sse_response(stream_chat(runs, states, req.model, request_id, include_usage))
+    try:
+        choices = await asyncio.gather(*(whole_choice(i, r, st, prep.logprobs) for i, (r, st) in
+                                         enumerate(zip(runs, states))))
+    finally:
+        for r in runs:
+            await r.aclose()
+    return ChatCompletion(id=request_id, created=int(time.time()), model=req.model, choices=list(choices),
+                          usage=usage(runs[:1], runs))
+
+
+async def whole_choice(index: int, run: Generation, state: ChatState, want_logprobs: bool) -> ChatChoice:
+    async for _ in run_choice(run, state):
+        pass
     parsed = state.parser.result()
     calls = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
              for c in parsed.tool_calls]
     text = "".join(state.content)
     message = AssistantMessage(content=text if text or not calls else None, reasoning=parsed.reasoning or None,
                                tool_calls=calls)
-    return ChatCompletion(
-        id=request_id, created=int(time.time()), model=req.model,
-        choices=[ChatChoice(index=0, message=message, finish_reason=finish_reason(run, bool(calls)),
-                            logprobs=ChoiceLogprobs(content=state.logprobs) if prep.logprobs else None)],
-        usage=run.usage)
+    return ChatChoice(index=index, message=message, finish_reason=finish_reason(run, bool(calls)),
+                      logprobs=ChoiceLogprobs(content=state.logprobs) if want_logprobs else None)
 
 
-async def stream_chat(run: Generation, state: ChatState, model: str, request_id: str,
+async def stream_chat(runs: list[Generation], states: list[ChatState], model: str, request_id: str,
                       include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     created = int(time.time())
 
-    def chunk(delta: ChatDelta, reason: str | None = None,
+    def chunk(index: int, delta: ChatDelta, reason: str | None = None,
               logprobs: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=reason,
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason,
                                  logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None)
         return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
 
-    async with run:
-        yield chunk(ChatDelta(role="assistant", content=""))
-        async for event in run:
-            visible = state.feed(event)
-            logprobs = state.logprobs[-1:] if state.want_logprobs else None
+    async def choice_chunks(index: int, run: Generation, state: ChatState) -> AsyncIterator[ChatCompletionChunk]:
+        yield chunk(index, ChatDelta(role="assistant", content=""))
+        async for visible, event in run_choice(run, state):
+            logprobs = state.logprobs[-1:] if state.want_logprobs and event is not None else None
             if visible:
                 for i, d in enumerate(visible):
-                    yield chunk(chat_delta(d), logprobs=logprobs if i == 0 else None)
+                    yield chunk(index, chat_delta(d), logprobs=logprobs if i == 0 else None)
             elif logprobs:
-                yield chunk(ChatDelta(), logprobs=logprobs)
-            if state.stops.stopped:
-                run.stop()
-                break
-    for d in state.finish():
-        yield chunk(chat_delta(d))
-    yield chunk(ChatDelta(), finish_reason(run, state.streamed_calls))
-    if include_usage:
-        yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=run.usage)
+                yield chunk(index, ChatDelta(), logprobs=logprobs)
+        yield chunk(index, ChatDelta(), finish_reason(run, state.streamed_calls))
+
+    try:
+        async for c in merged([choice_chunks(i, r, st) for i, (r, st) in enumerate(zip(runs, states))]):
+            yield c
+        if include_usage:
+            yield ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                      usage=usage(runs[:1], runs))
+    finally:
+        for r in runs:
+            await r.aclose()

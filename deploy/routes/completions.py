@@ -10,11 +10,11 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from cluster.engine import Event
+from cluster.events import Event
 from deploy.errors import bad_request
-from deploy.generation import Generation
+from deploy.generation import Generation, merged, usage
 from deploy.protocol import (ERROR_RESPONSES, Completion, CompletionChoice, CompletionChunk, CompletionChunkChoice,
-                             CompletionLogprobs, CompletionRequest, Usage, parse_logit_bias)
+                             CompletionLogprobs, CompletionRequest, parse_logit_bias)
 from deploy.service import ApiService, get_service
 from deploy.sse import STREAM_RESPONSE, sse_response
 from deploy.text import Detokenizer, StopFilter, token_text
@@ -75,29 +75,20 @@ class ChoiceState:
                                   top_logprobs=self.top[cut], text_offset=self.offsets[cut])
 
 
-Piece = tuple[ChoiceState, str, bool]  # (choice, visible text, whether this is its last piece)
+async def run_choice(run: Generation, state: ChoiceState) -> AsyncIterator[tuple[str, bool]]:
+    """Drive one choice to its end: (visible text, whether it is the last piece) as they come."""
+    async with run:
+        async for event in run:
+            yield state.add(event), False
+            if state.stops.stopped:
+                run.stop()
+                break
+    yield state.finish(run.finish_reason), True
 
 
-async def run_choice(run: Generation, state: ChoiceState, out: asyncio.Queue[Piece | Exception] | None = None) -> None:
-    """Drive one prompt to its end; with `out`, also report each visible piece as it comes, and the
-    exception that ended it, if one did."""
-    try:
-        async with run:
-            async for event in run:
-                visible = state.add(event)
-                if out is not None:
-                    out.put_nowait((state, visible, False))
-                if state.stops.stopped:
-                    run.stop()
-                    break
-    except Exception as exc:
-        if out is None:
-            raise
-        out.put_nowait(exc)
-        return
-    tail = state.finish(run.finish_reason)
-    if out is not None:
-        out.put_nowait((state, tail, True))
+async def drain(run: Generation, state: ChoiceState) -> None:
+    async for _ in run_choice(run, state):
+        pass
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **STREAM_RESPONSE})
@@ -115,21 +106,15 @@ async def completions(req: CompletionRequest,
                               parse_logit_bias(req.logit_bias, service.vocab_size))
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = service.new_id("cmpl")
-    runs: list[Generation] = []
-    try:
-        for i, p in enumerate(prompts):
-            runs.append(service.start(p, params, f"{request_id}-{i}"))
-    except BaseException:
-        for r in runs:
-            await r.aclose()
-        raise
-    states = [ChoiceState(i, p, StopFilter(stop_strings), req.logprobs is not None) for i, p in enumerate(prompts)]
-    usage = Usage(prompt_tokens=sum(map(len, prompts)), completion_tokens=0, total_tokens=0)
+    runs = service.start_choices(prompts, params, request_id, req.n)
+    states = [ChoiceState(i, prompts[i // req.n], StopFilter(stop_strings), req.logprobs is not None)
+              for i in range(len(runs))]
+    leaders = runs[::req.n]  # one run per prompt: usage counts each prompt once
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(stream_completions(runs, states, req, request_id, usage if include_usage else None))
+        return sse_response(stream_completions(runs, states, req, request_id, leaders if include_usage else None))
     try:
-        await asyncio.gather(*(run_choice(r, st) for r, st in zip(runs, states)))
+        await asyncio.gather(*(drain(r, st) for r, st in zip(runs, states)))
     finally:
         for r in runs:
             await r.aclose()
@@ -138,46 +123,30 @@ async def completions(req: CompletionRequest,
                                 token_ids=st.tokens if req.return_token_ids else None,
                                 prompt_token_ids=st.prompt if req.return_token_ids else None) for st in states]
     return Completion(id=request_id, created=int(time.time()), model=req.model, choices=choices,
-                      usage=finished_usage(usage, states))
-
-
-def finished_usage(usage: Usage, states: list[ChoiceState]) -> Usage:
-    generated = sum(len(st.tokens) for st in states)
-    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=generated,
-                 total_tokens=usage.prompt_tokens + generated)
+                      usage=usage(leaders, runs))
 
 
 async def stream_completions(runs: list[Generation], states: list[ChoiceState], req: CompletionRequest,
-                             request_id: str, usage: Usage | None) -> AsyncIterator[CompletionChunk]:
+                             request_id: str, leaders: list[Generation] | None) -> AsyncIterator[CompletionChunk]:
     created = int(time.time())
-    pieces: asyncio.Queue[Piece | Exception] = asyncio.Queue()
-    tasks = [asyncio.create_task(run_choice(r, st, pieces)) for r, st in zip(runs, states)]
-    started: set[int] = set()
 
-    def chunk(state: ChoiceState, text: str, last: bool) -> CompletionChunk:
-        choice = CompletionChunkChoice(index=state.index, text=text, finish_reason=state.reason if last else None,
-                                       logprobs=state.logprobs(1) if state.want_logprobs and not last else None)
-        if req.return_token_ids:
-            choice.token_ids = [] if last else state.tokens[-1:]
-            if state.index not in started:
-                choice.prompt_token_ids = state.prompt
-                started.add(state.index)
-        return CompletionChunk(id=request_id, created=created, model=req.model, choices=[choice])
+    async def choice_chunks(run: Generation, state: ChoiceState) -> AsyncIterator[CompletionChunk]:
+        first = True
+        async for text, last in run_choice(run, state):
+            choice = CompletionChunkChoice(index=state.index, text=text, finish_reason=state.reason if last else None,
+                                           logprobs=state.logprobs(1) if state.want_logprobs and not last else None)
+            if req.return_token_ids:
+                choice.token_ids = [] if last else state.tokens[-1:]
+                choice.prompt_token_ids = state.prompt if first else None
+            first = False
+            yield CompletionChunk(id=request_id, created=created, model=req.model, choices=[choice])
 
     try:
-        done = 0
-        while done < len(tasks):  # every choice ends with its last piece or an exception
-            piece = await pieces.get()
-            if isinstance(piece, Exception):
-                raise piece
-            state, text, last = piece
-            done += last
-            yield chunk(state, text, last)
-        if usage is not None:
+        async for chunk in merged([choice_chunks(r, st) for r, st in zip(runs, states)]):
+            yield chunk
+        if leaders is not None:
             yield CompletionChunk(id=request_id, created=created, model=req.model, choices=[],
-                                  usage=finished_usage(usage, states))
+                                  usage=usage(leaders, runs))
     finally:
-        for t in tasks:
-            t.cancel()
         for r in runs:
             await r.aclose()

@@ -9,7 +9,7 @@ import uuid
 from fastapi import APIRouter, Depends
 
 from deploy.errors import bad_request
-from deploy.protocol import (ERROR_RESPONSES, FunctionCallItem, IncompleteDetails, OutputItem, OutputMessage,
+from deploy.protocol import (ERROR_RESPONSES, FunctionCallItem, IncompleteDetails, InputTokensDetails, OutputItem, OutputMessage,
                              OutputText, OutputTokensDetails, ReasoningItem, ReasoningSettings, ReasoningText,
                              ResponseObject, ResponsesRequest, ResponseUsage)
 from deploy.service import ApiService, get_service
@@ -60,13 +60,14 @@ async def responses(req: ResponsesRequest, service: ApiService = Depends(get_ser
     if parsed.content or not output:
         output.append(OutputMessage(id=f"msg_{uuid.uuid4().hex}", content=[OutputText(text=parsed.content)]))
     complete = run.finish_reason == "stop"
-    usage = run.usage
     return ResponseObject(
         id=response_id, created_at=int(time.time()), model=req.model,
         status="completed" if complete else "incomplete",
         incomplete_details=None if complete else IncompleteDetails(reason="max_output_tokens"),
         instructions=req.instructions, max_output_tokens=req.max_output_tokens, output=output,
         reasoning=ReasoningSettings(effort=effort), temperature=params.temperature, top_p=params.top_p,
-        usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+        usage=ResponseUsage(input_tokens=run.prompt_tokens,
+                            input_tokens_details=InputTokensDetails(cached_tokens=run.cached_tokens),
+                            output_tokens=run.generated,
                             output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning_tokens),
-                            total_tokens=usage.total_tokens))
+                            total_tokens=run.prompt_tokens + run.generated))

@@ -76,7 +76,7 @@ def test_router_counts_every_routed_token(cluster: Engine) -> None:
     before = sum(cluster.executor.stats().router.expert_tokens)
     out = cluster.generate([prompts()[1]], SamplingParams(max_tokens=3, temperature=0.0))[0]
     after = sum(cluster.executor.stats().router.expert_tokens)
-    tokens_run = len(prompts()[1]) + len(out.token_ids) - 1
+    tokens_run = len(prompts()[1]) - out.cached_tokens + len(out.token_ids) - 1  # cached tokens are not run
     cfg = cluster.model_config
     assert after - before == tokens_run * cfg.num_hidden_layers * cfg.experts_per_token
 
@@ -100,6 +100,28 @@ def test_continuous_batching_and_abort_on_the_cluster(cluster: Engine) -> None:
             break
         time.sleep(0.1)
     assert max(usage) == 0
+
+
+def test_a_cached_prefix_draws_its_request_to_the_replica_that_holds_it(cluster: Engine) -> None:
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 199_998, (700,), generator=gen).tolist()
+    first, second = prefix + [5, 6, 7], prefix + [8, 9]
+    fresh = torch.randint(0, 199_998, (40,), generator=gen).tolist()  # cached nowhere: the idle replica 0 takes it
+    blocker = cluster.submit(fresh, SamplingParams(max_tokens=500, temperature=0.0))
+    assert blocker.events.get(timeout=60).token is not None  # replica 0 is busy: the first request goes to 1
+    a = cluster.generate([first], GREEDY, timeout=120)[0]
+    cluster.abort(blocker.request_id)
+    while (end := blocker.events.get(timeout=60)).finish_reason is None:
+        pass  # both replicas are idle again; a request without a cached prefix would go to replica 0
+    assert end.replica == 0
+    b = cluster.generate([second], GREEDY, timeout=120)[0]
+    assert (a.replica, b.replica) == (1, 1)
+    assert b.cached_tokens == 688
+    with cluster._lock:
+        cluster.scheduler.replicas[1].full.reset()  # forget replica 1's cache: the same prompt runs in full
+    again = cluster.generate([second], GREEDY, timeout=120)[0]
+    assert again.cached_tokens == 0 and again.token_ids == b.token_ids
+    assert max(abs(x - y) for x, y in zip(again.logprobs, b.logprobs)) < 1e-4
 
 
 def test_tcp_transport_uneven_split_and_packed_mxfp4(ray_session, tiny_hf: Path, reference: list[Completion]) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cluster.config import EngineConfig, KVSpec, ModelSource
-from cluster.engine import Engine, EngineOverloaded, EngineUnavailable
+from cluster.engine import Engine
+from cluster.events import EngineOverloaded, EngineUnavailable
 from cluster.executor import Executor, ExecutorFailure, LocalExecutor
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
 from cluster.telemetry import ExecutorStats

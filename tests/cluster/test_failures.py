@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cluster.config import ClusterConfig, KVSpec, ModelSource
-from cluster.engine import Engine, RequestHandle
+from cluster.engine import Engine
+from cluster.events import RequestHandle
 from cluster.executor import LocalExecutor
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams

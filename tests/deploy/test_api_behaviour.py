@@ -37,7 +37,8 @@ def test_text_tokens_and_logprobs_agree(client: TestClient) -> None:
     assert all(len(top) <= 3 and max(top.values()) >= chosen - 1e-6 for top, chosen in zip(lp["top_logprobs"],
                                                                                             lp["token_logprobs"]))
     assert lp["text_offset"] == sorted(lp["text_offset"])
-    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17,
+                            "prompt_tokens_details": {"cached_tokens": 0}}  # 5 tokens: no complete block to reuse
 
 
 def test_streaming_matches_non_streaming(client: TestClient) -> None:

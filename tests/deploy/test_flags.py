@@ -18,7 +18,7 @@ from deploy.flags import flag_name, read_options
 
 OPTIONS = schema(*APP_GROUPS)
 NEW_FLAGS = ["--block-size", "--max-restarts", "--recovery-timeout", "--max-attempts", "--placement-strategy",
-             "--ring-mb", "--layout", "--api-key-env", "--ingress-num-cpus"]
+             "--ring-mb", "--layout", "--api-key-env", "--ingress-num-cpus", "--no-prefix-caching"]
 
 
 def serve_flags() -> dict[str, str]:

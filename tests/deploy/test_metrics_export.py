@@ -7,7 +7,8 @@ import time
 import httpx
 import pytest
 
-from cluster.engine import Engine, RequestTimes
+from cluster.engine import Engine
+from cluster.events import RequestTimes
 from deploy.metrics import RayExport, ServerMetrics
 from model_shards.sampling import SamplingParams
 from tests.conftest import RAY_METRICS_PORT

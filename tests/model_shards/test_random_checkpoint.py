@@ -10,8 +10,8 @@ from model_shards.model import GptOssModel
 
 
 def greedy(model: GptOssModel, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
-    kv = model.new_cache(num_blocks=16, max_seqs=1)
-    kv.reserve(0, len(prompt) + steps)
+    kv = model.new_cache(num_blocks=16)
+    kv.place(0, len(prompt) + steps)
     tokens, logprobs, feed, start = [], [], prompt, 0
     for _ in range(steps):
         logits = model.forward(torch.tensor(feed), plan_step([SeqChunk(0, start, len(feed))]), kv)[0]

@@ -125,8 +125,8 @@ def test_bfloat16_within_bf16_noise(reference: Reference) -> None:
 
     model = load_local_model(str(reference.checkpoints["mxfp4"]), torch.bfloat16)
     for prompt, tokens, ref_logprobs in zip(reference.prompts, reference.tokens, reference.logprobs):
-        kv = model.new_cache(num_blocks=32, max_seqs=1)
-        kv.reserve(0, len(prompt) + len(tokens))
+        kv = model.new_cache(num_blocks=32)
+        kv.place(0, len(prompt) + len(tokens))
         ours, start, feed = [], 0, prompt
         for token in tokens:
             logits = model.forward(torch.tensor(feed), plan_step([SeqChunk(0, start, len(feed))]), kv)
