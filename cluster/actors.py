@@ -18,11 +18,13 @@ from cluster.names import member_name
 from cluster.roles import Role, Spec, make_role
 from cluster.telemetry import ReplicaStats, RouterStats, ShardStats
 from cluster.transport import Address, Endpoint, PlaneSpec, StreamClosed
+from model_shards.allocator import keep_freed_memory
 
 
 class PlaneMember:
     def __init__(self, role: str, spec: Spec, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
+        keep_freed_memory()
         self.obj: Role = make_role(role, spec)
         self.name = member_name(role, self.obj.index)
         self.endpoint: Endpoint | None = None

@@ -15,7 +15,7 @@ from cluster.telemetry import ReplicaStats
 from cluster.transport import Endpoint
 from model_shards.kv_cache import KVCache
 from model_shards.model import GptOssModel
-from model_shards.weights import ModelWeights, load_attention, load_globals, move_to
+from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare
 
 
 class AttentionReplica:
@@ -30,6 +30,7 @@ class AttentionReplica:
         with spec.source.open() as ckpt:
             weights = ModelWeights(ckpt.config, load_globals(ckpt, dtype), load_attention(ckpt, dtype), [], [])
         move_to(weights, self.device)
+        prepare(weights)
         self.model = GptOssModel(weights)
         self.reset()
 

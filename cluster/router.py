@@ -15,7 +15,7 @@ from cluster.names import ENGINE, ROUTER_ROLE, replica_name, shard_name
 from cluster.telemetry import Histogram, RouterStats
 from cluster.transport import Endpoint
 from model_shards.moe import combine, route
-from model_shards.weights import load_routers, move_to
+from model_shards.weights import load_routers, move_to, prepare
 
 
 class Router:
@@ -31,6 +31,7 @@ class Router:
             self.config = ckpt.config
             self.routers = load_routers(ckpt, self.dtype)
         move_to(self.routers, self.device)
+        prepare(self.routers)
         self.bounds = spec.shard_bounds
         self._starts = np.array([a for a, _ in self.bounds])
         cfg = self.config

@@ -11,7 +11,7 @@ from cluster.names import ROUTER, SHARD_ROLE
 from cluster.telemetry import ShardStats
 from cluster.transport import Endpoint
 from model_shards.moe import run_experts
-from model_shards.weights import load_experts, move_to
+from model_shards.weights import load_experts, move_to, prepare
 
 
 class ExpertShard:
@@ -28,6 +28,7 @@ class ExpertShard:
             self.weights = load_experts(ckpt, self.dtype, experts=spec.experts, keep_mxfp4=spec.keep_mxfp4)
             self.bytes_read = ckpt.bytes_read
         move_to(self.weights, self.device)
+        prepare(self.weights)
 
     def reset(self) -> None:
         """Stateless between messages."""

@@ -25,10 +25,11 @@ def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: Mo
         kv.update(chunk.seq_id, chunk.blocks)
     layout = plan_step([SeqChunk(c.seq_id, c.start, len(c.token_ids)) for c in step.chunks], model.device)
     ids = torch.tensor([t for c in step.chunks for t in c.token_ids], dtype=torch.long, device=model.device)
-    logits = model.forward(ids, layout, kv, moe)  # [S, V]
     rows = [i for i, c in enumerate(step.chunks) if c.sample]
+    logits = model.forward(ids, layout, kv, moe, rows)  # [R, V]
     if not rows:
         return []
     chunks = [step.chunks[i] for i in rows]
-    choices = sample(logits[rows], [c.params for c in chunks], [c.seed for c in chunks], [c.index for c in chunks])
+    choices = sample(logits, [c.params for c in chunks], [c.seed for c in chunks], [c.index for c in chunks],
+                     consume=True)
     return [Sampled(c.seq_id, x.token, x.logprob, x.top) for c, x in zip(chunks, choices)]

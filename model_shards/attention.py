@@ -1,4 +1,5 @@
-"""Grouped-query attention with learned sinks and the per-layer sliding window.
+"""Grouped-query attention with learned sinks and the per-layer sliding window: the block the model
+runs (through the fused kernels of flash.py), and the plain reference it is tested against.
 
 Sinks: one learned logit per query head joins the softmax denominator as an extra column, after
 scaling and masking, unscaled; it has no value vector, so attention rows sum to less than 1.
@@ -10,10 +11,9 @@ FlashAttention-3 with sinks); q/k/v and the output stay in the model dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from model_shards.batch import StepLayout, pad, unpad
 from model_shards.config import GptOssConfig
+from model_shards.flash import chunk_attention, decode_attention
 from model_shards.kv_cache import KVCache, StepKV
 from model_shards.norm import rms_norm
 from model_shards.rope import apply_rope
@@ -63,24 +63,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
 
 
 def attention_block(x: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, layer: int,
-                    cos: torch.Tensor, sin: torch.Tensor, layout: StepLayout, kv: KVCache,
-                    kv_view: StepKV) -> torch.Tensor:
-    """x [T, H] -> x + attention(norm(x)) [T, H]; reads the past from `kv` and writes this
-    step's keys and values into it."""
+                    cos: torch.Tensor, sin: torch.Tensor, kv: KVCache, kv_view: StepKV) -> torch.Tensor:
+    """x [T, H] -> x + attention(norm(x)) [T, H]; writes this step's keys and values into `kv`, then
+    attends through the fused kernels (flash.py): decoding sequences in one batched call, each
+    prefill chunk blockwise."""
     t = x.shape[0]
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    qkv = F.linear(rms_norm(x, w.attn_norm, cfg.rms_norm_eps), w.qkv_w, w.qkv_b)  # [T, q + 2kv]
+    qkv = w.qkv(rms_norm(x, w.attn_norm, cfg.rms_norm_eps))  # [T, q + 2kv]
     q = apply_rope(qkv[:, :cfg.q_dim].view(t, nq, hd), cos, sin)  # [T, nq, d]
     k = apply_rope(qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(t, nkv, hd), cos, sin)  # [T, nkv, d]
     v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, nkv, hd)  # [T, nkv, d]
-
-    k_past, v_past, pos_past, valid_past = kv.past(layer, kv_view)  # [S, P, nkv, d], [S, P]
-    keys = torch.cat((k_past, pad(k, layout)), dim=1)  # [S, P + N, nkv, d]
-    values = torch.cat((v_past, pad(v, layout)), dim=1)
-    k_pos = torch.cat((pos_past, layout.q_pos), dim=1)  # [S, P + N]
-    k_valid = torch.cat((valid_past, layout.q_valid), dim=1)
-    window = cfg.sliding_window if cfg.is_sliding(layer) else None
-    out = attend(pad(q, layout), keys, values, layout.q_pos, k_pos, k_valid, w.sinks, hd ** -0.5, window)
     kv.write(layer, kv_view, k, v)
-    out = unpad(out, layout).reshape(t, cfg.q_dim)  # [T, nq * d], head-major
-    return x + F.linear(out, w.out_w, w.out_b)
+    keys, values = kv.tensors(layer)  # [rows, nkv, d]
+    sliding = cfg.is_sliding(layer)
+    scale = hd ** -0.5
+    out = q.new_empty(t, nq, hd)
+    view = kv_view
+    if view.decode_tokens.numel():
+        rows = view.decode_slide_rows if sliding else view.decode_full_rows  # [G, L]
+        bias = view.decode_slide_bias if sliding else view.decode_full_bias
+        out[view.decode_tokens] = decode_attention(q[view.decode_tokens], keys[rows], values[rows], bias, w.sinks,
+                                                   scale)
+    for c in view.chunks:
+        rows = c.slide_rows if sliding else c.full_rows
+        out[c.first:c.first + c.length] = chunk_attention(q[c.first:c.first + c.length], keys[rows], values[rows],
+                                                          c.start, cfg.sliding_window if sliding else None,
+                                                          w.sinks, scale)
+    return x + w.out(out.reshape(t, cfg.q_dim))  # heads concatenated, head-major

@@ -45,16 +45,30 @@ class SeqTables:
 
 
 @dataclass
-class StepKV:
-    """The cache's index tensors for one step (built once, used by every layer)."""
+class ChunkKV:
+    """One prefill chunk (more than one token): flat tokens [first, first + length) of the step, at
+    positions [start, start + length)."""
 
-    full_past_rows: torch.Tensor  # [S, P] row of each past position (0 where invalid)
-    full_past_valid: torch.Tensor  # [S, P] bool
+    first: int
+    start: int
+    length: int
+    full_rows: torch.Tensor  # [start + length] rows of positions [0, start + length)
+    slide_rows: torch.Tensor  # [W - 1 + length] rows of positions [start - W + 1, start + length) (0 below 0)
+
+
+@dataclass
+class StepKV:
+    """The cache's index tensors for one step (built once, used by every layer). Keys are written
+    first, then read: every row below includes the step's own tokens."""
+
     full_write_rows: torch.Tensor  # [T] row of every new token
-    slide_past_rows: torch.Tensor  # [S, W-1] rows of the W-1 positions before each chunk (0 where invalid)
-    slide_past_pos: torch.Tensor  # [S, W-1] those positions
-    slide_past_valid: torch.Tensor  # [S, W-1] bool (position >= 0)
     slide_write_rows: torch.Tensor  # [T] sliding row of every new token
+    decode_tokens: torch.Tensor  # [G] flat index of each one-token chunk (decoding sequences)
+    decode_full_rows: torch.Tensor  # [G, Lf] rows of positions [0, Lf) (0 past a sequence's end)
+    decode_full_bias: torch.Tensor  # [G, 1, 1, Lf] 0 where the key exists, -inf where it is padding
+    decode_slide_rows: torch.Tensor  # [G, W] rows of the W positions ending at the token
+    decode_slide_bias: torch.Tensor  # [G, 1, 1, W]
+    chunks: list[ChunkKV]
 
 
 class KVCache:
@@ -130,42 +144,57 @@ class KVCache:
                                    device=dev)  # [S, blocks from each chunk's first]
         base = torch.tensor(slide_base, dtype=torch.long, device=dev)  # [S]
 
-        past = layout.past_len  # [S]
-        pos = torch.arange(self._blocks(int(past.max())) * bs, device=dev)  # [P]
-        full_past_valid = pos[None, :] < past[:, None]  # [S, P]
-        full_past_rows = full_table[:, pos // bs] * bs + pos % bs
-        positions, seq = layout.positions, layout.seq_index  # [T]
-        full_write_rows = full_table[seq, positions // bs] * bs + positions % bs
+        def full_rows(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return full_table[seq, pos // bs] * bs + pos % bs
 
-        slide_pos = past[:, None] - (w - 1) + torch.arange(w - 1, device=dev)[None, :]  # [S, W-1]
-        slide_valid = slide_pos >= 0
-        past_index = (slide_pos.clamp(min=0) // bs - base[:, None]).clamp(min=0)
-        past_blocks = slide_table.gather(1, past_index)  # [S, W-1]
-        write_blocks = slide_table[seq, positions // bs - base[seq]]  # [T]
-        if bool((past_blocks[slide_valid] < 0).any()) or bool((write_blocks < 0).any()):
-            raise KVCacheFull("a sequence's sliding-window table lacks a block this step reads or writes")
+        def slide_rows(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            """0 where pos < 0; raises where a needed block is missing."""
+            blocks = slide_table[seq, (pos.clamp(min=0) // bs - base[seq]).clamp(min=0)]
+            if bool((blocks[pos >= 0] < 0).any()):
+                raise KVCacheFull("a sequence's sliding-window table lacks a block this step reads or writes")
+            return (blocks * bs + pos % bs) * (pos >= 0)
+
+        positions, seq = layout.positions, layout.seq_index  # [T]
+        lengths = [c.length for c in layout.chunks]
+        decode = [i for i, n in enumerate(lengths) if n == 1]
+        dec = torch.tensor(decode, dtype=torch.long, device=dev)  # [G] chunk index
+        tokens = layout.last_token[dec]  # [G] a one-token chunk's token is its last
+        ends = layout.past_len[dec] + 1  # [G]
+        lf = int(ends.max()) if decode else 0
+        kpos = torch.arange(lf, device=dev)[None, :].expand(len(decode), lf)  # [G, Lf]
+        spos = ends[:, None] - w + torch.arange(w, device=dev)[None, :]  # [G, W]
+        chunks = []
+        offsets = torch.cumsum(torch.tensor([0] + lengths), 0).tolist()
+        for i, c in enumerate(layout.chunks):
+            if c.length == 1:
+                continue
+            index = torch.full((c.start + c.length,), i, dtype=torch.long, device=dev)
+            fpos = torch.arange(c.start + c.length, device=dev)
+            spos_c = torch.arange(c.start - (w - 1), c.start + c.length, device=dev)
+            chunks.append(ChunkKV(offsets[i], c.start, c.length, full_rows(index, fpos),
+                                  slide_rows(index[:1].expand(spos_c.shape[0]), spos_c)))
         return StepKV(
-            full_past_rows=full_past_rows * full_past_valid,
-            full_past_valid=full_past_valid,
-            full_write_rows=full_write_rows,
-            slide_past_rows=(past_blocks * bs + slide_pos % bs) * slide_valid,
-            slide_past_pos=slide_pos,
-            slide_past_valid=slide_valid,
-            slide_write_rows=write_blocks * bs + positions % bs,
+            full_write_rows=full_rows(seq, positions),
+            slide_write_rows=slide_rows(seq, positions),
+            decode_tokens=tokens,
+            decode_full_rows=full_rows(dec[:, None].expand_as(kpos), kpos) * (kpos < ends[:, None]),
+            decode_full_bias=self._bias(kpos < ends[:, None]),
+            decode_slide_rows=slide_rows(dec[:, None].expand_as(spos), spos),
+            decode_slide_bias=self._bias(spos >= 0),
+            chunks=chunks,
         )
+
+    def _bias(self, seen: torch.Tensor) -> torch.Tensor:
+        """[G, L] bool -> [G, 1, 1, L] additive mask in the cache's dtype."""
+        bias = torch.zeros(seen.shape, dtype=self.k[0].dtype, device=self.device)
+        return bias.masked_fill_(~seen, float("-inf"))[:, None, None, :]
 
     def _blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def past(self, layer: int, view: StepKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> keys, values [S, P, nkv, d], their positions [S, P] and validity [S, P]."""
-        k, v = self.k[layer], self.v[layer]
-        if self.cfg.is_sliding(layer):
-            rows, pos, valid = view.slide_past_rows, view.slide_past_pos, view.slide_past_valid
-        else:
-            rows, valid = view.full_past_rows, view.full_past_valid
-            pos = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-        return k[rows], v[rows], pos, valid
+    def tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value rows [rows, nkv, d]."""
+        return self.k[layer], self.v[layer]
 
     def write(self, layer: int, view: StepKV, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, nkv, d] of this step's tokens."""

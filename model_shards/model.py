@@ -28,7 +28,7 @@ def embed(token_ids: torch.Tensor, w: GlobalWeights) -> torch.Tensor:
 
 def unembed(hidden: torch.Tensor, w: GlobalWeights, eps: float) -> torch.Tensor:
     """[S, H] -> [S, V] fp32 logits (final norm, then the untied unembedding in the model dtype)."""
-    return F.linear(rms_norm(hidden, w.final_norm, eps), w.unembedding).to(torch.float32)
+    return w.unembedding(rms_norm(hidden, w.final_norm, eps)).to(torch.float32)
 
 
 # (layer, t [T, H] normed hidden states) -> MoE output [T, H]. The local model computes it in
@@ -54,8 +54,9 @@ class GptOssModel:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
-                moe: MoeFn | None = None) -> torch.Tensor:
-        """token_ids [T] -> logits [S, V] fp32 for the last token of each chunk."""
+                moe: MoeFn | None = None, rows: list[int] | None = None) -> torch.Tensor:
+        """token_ids [T] -> logits [R, V] fp32 for the last token of each chunk (of the chunks in
+        `rows` only, when given: the unembedding is the costliest matmul of a decode step)."""
         cfg, w = self.config, self.weights
         moe = moe or self.local_moe
         cos, sin = self.rope.cos_sin(layout.positions, self.dtype)  # [T, d/2]
@@ -63,6 +64,7 @@ class GptOssModel:
         x = embed(token_ids, w.globals)  # [T, H]
         for layer in range(cfg.num_hidden_layers):
             attn = w.attention[layer]
-            x = attention_block(x, attn, cfg, layer, cos, sin, layout, kv, kv_view)
+            x = attention_block(x, attn, cfg, layer, cos, sin, kv, kv_view)
             x = x + moe(layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
-        return unembed(x[layout.last_token], w.globals, cfg.rms_norm_eps)
+        last = layout.last_token if rows is None else layout.last_token[rows]
+        return unembed(x[last], w.globals, cfg.rms_norm_eps)

@@ -12,17 +12,19 @@ therefore does not depend on how experts are split over shards.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from model_shards.config import GptOssConfig
 from model_shards.weights import ExpertWeights, RouterWeights
+
+
+ROW_BLOCK = 1024  # assignments per block of the expert computation (see row_blocks)
 
 
 def route(t: torch.Tensor, w: RouterWeights, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """t [T, H] -> experts [T, K] (long), gates [T, K] (t's dtype).
 
     Top-k of the raw logits FIRST, then softmax over those k (not softmax over all experts)."""
-    logits = F.linear(t, w.weight, w.bias)  # [T, E]
+    logits = w(t)  # [T, E]
     top_values, top_experts = torch.topk(logits, k, dim=-1, sorted=True)  # [T, K]
     return top_experts, torch.softmax(top_values, dim=-1)
 
@@ -43,24 +45,42 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     x [T', H] rows, token_index [N] (row of x per assignment), expert_ids [N] (global ids),
     gates [N] -> [N, H] fp32 = gate * (down(swiglu(gate_up(x_row) + b1)) + b2)."""
     n = expert_ids.shape[0]
-    out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)  # every row is written below
     if n == 0:
         return out
-    if int(expert_ids.min()) < w.first or int(expert_ids.max()) >= w.stop:
-        raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
-    order = torch.argsort(expert_ids, stable=True)  # group assignments by expert
+    order = torch.argsort(expert_ids, stable=True)  # [N] assignments grouped by expert
     experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
-    offset = 0
-    for expert, count in zip(experts.tolist(), counts.tolist()):
-        sel = order[offset:offset + count]  # [n_e]
-        offset += count
-        local = expert - w.first
-        rows = x[token_index[sel]]  # [n_e, H]
-        h = F.linear(rows, w.gate_up.matrix(local, x.dtype), w.gate_up_bias[local])  # [n_e, 2I]
-        act = swiglu(h.to(torch.float32), cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [n_e, I]
-        y = F.linear(act, w.down.matrix(local, x.dtype), w.down_bias[local])  # [n_e, H]
+    spans = list(zip(experts.tolist(), counts.tolist()))  # the one host sync
+    if spans[0][0] < w.first or spans[-1][0] >= w.stop:
+        raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
+    for block, segments in row_blocks(spans, ROW_BLOCK):
+        sel = order[block]  # [n] this block's assignments, in expert order
+        rows = x[token_index[sel]]  # [n, H]: each expert's rows are one contiguous slice
+        sizes = [n for _, n in segments]
+        h = torch.cat([w.gate_up.apply(e - w.first, part, w.gate_up_bias[e - w.first])
+                       for (e, _), part in zip(segments, rows.split(sizes))])  # [n, 2I]
+        act = swiglu(h.to(torch.float32), cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [n, I]
+        y = torch.cat([w.down.apply(e - w.first, part, w.down_bias[e - w.first])
+                       for (e, _), part in zip(segments, act.split(sizes))])  # [n, H]
         out[sel] = y.to(torch.float32) * gates[sel].to(torch.float32)[:, None]
     return out
+
+
+def row_blocks(spans: list[tuple[int, int]], limit: int) -> list[tuple[slice, list[tuple[int, int]]]]:
+    """(expert, rows) spans in order -> blocks of consecutive whole spans, up to `limit` rows each (a
+    single larger span makes a block of its own). A prefill's [N, 2I] intermediates would not fit in
+    cache; such blocks do. Spans are never split, so each expert's matmul sees the same rows as
+    unblocked, and the results are bit-identical."""
+    blocks, segments, start, filled = [], [], 0, 0
+    for expert, count in spans:
+        if segments and filled + count > limit:
+            blocks.append((slice(start, start + filled), segments))
+            start, filled, segments = start + filled, 0, []
+        segments.append((expert, count))
+        filled += count
+    if segments:
+        blocks.append((slice(start, start + filled), segments))
+    return blocks
 
 
 def combine(weighted: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:

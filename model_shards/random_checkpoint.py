@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from model_shards import mxfp4
 from model_shards.config import GptOssConfig, preset
 from model_shards.layout import HF, ORIGINAL, expert_names, global_name, layer_names
+from model_shards.linear import Linear
 from model_shards.weights import (AttentionWeights, DenseStack, ExpertStack, ExpertWeights, GlobalWeights,
                                   ModelWeights, Mxfp4Stack, RouterWeights)
 
@@ -48,15 +49,13 @@ def random_weights(cfg: GptOssConfig, seed: int = 0) -> ModelWeights:
         globals=GlobalWeights(
             embedding=normal(v, h, std=1.0),
             final_norm=normal(h, std=0.1, mean=1.0),
-            unembedding=normal(v, h, std=4.0 / math.sqrt(h)),
+            unembedding=Linear(normal(v, h, std=4.0 / math.sqrt(h))),
         ),
         attention=[AttentionWeights(
             attn_norm=normal(h, std=0.1, mean=1.0),
-            qkv_w=normal(qkv, h, std=1.0 / math.sqrt(h)),
-            qkv_b=normal(qkv, std=0.1),
+            qkv=Linear(normal(qkv, h, std=1.0 / math.sqrt(h)), normal(qkv, std=0.1)),
             sinks=normal(cfg.num_attention_heads, std=1.0),
-            out_w=normal(h, cfg.q_dim, std=0.5 / math.sqrt(cfg.q_dim)),
-            out_b=normal(h, std=0.02),
+            out=Linear(normal(h, cfg.q_dim, std=0.5 / math.sqrt(cfg.q_dim)), normal(h, std=0.02)),
             mlp_norm=normal(h, std=0.1, mean=1.0),
         ) for _ in layers],
         routers=[RouterWeights(weight=normal(e, h, std=1.0 / math.sqrt(h)), bias=normal(e, std=0.1)) for _ in layers],
@@ -87,13 +86,14 @@ def checkpoint_tensors(weights: ModelWeights, layout: str, as_mxfp4: bool) -> di
     """Name -> stored tensor (bf16, or uint8 MXFP4 blocks/scales) for one layout."""
     cfg = weights.config
     out: dict[str, torch.Tensor] = {}
-    for what in ("embedding", "final_norm", "unembedding"):
-        out[global_name(layout, what)] = getattr(weights.globals, what)
+    g = weights.globals
+    for what, tensor in (("embedding", g.embedding), ("final_norm", g.final_norm), ("unembedding", g.unembedding.weight)):
+        out[global_name(layout, what)] = tensor
     split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
     for i in range(cfg.num_hidden_layers):
         attn, router, experts = weights.attention[i], weights.routers[i], weights.experts[i]
-        values = {"attn_norm": attn.attn_norm, "qkv_w": attn.qkv_w, "qkv_b": attn.qkv_b, "sinks": attn.sinks,
-                  "out_w": attn.out_w, "out_b": attn.out_b, "mlp_norm": attn.mlp_norm,
+        values = {"attn_norm": attn.attn_norm, "qkv_w": attn.qkv.weight, "qkv_b": attn.qkv.bias, "sinks": attn.sinks,
+                  "out_w": attn.out.weight, "out_b": attn.out.bias, "mlp_norm": attn.mlp_norm,
                   "router_w": router.weight, "router_b": router.bias}
         for key, names in layer_names(layout, i).items():
             parts = torch.split(values[key], split) if len(names) == 3 else (values[key],)

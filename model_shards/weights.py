@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 import torch
+import torch.nn.functional as F
 
-from model_shards import mxfp4
+from model_shards import linear, mxfp4
 from model_shards.checkpoint import Checkpoint, CheckpointError
 from model_shards.config import GptOssConfig
 from model_shards.layout import expert_names, global_name, layer_names
+from model_shards.linear import Linear
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +29,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class AttentionWeights:
     attn_norm: torch.Tensor  # [H] fp32
-    qkv_w: torch.Tensor  # [q + 2kv, H]; rows: Q heads, then K heads, then V heads
-    qkv_b: torch.Tensor  # [q + 2kv]
+    qkv: Linear  # [q + 2kv, H] + [q + 2kv]; rows: Q heads, then K heads, then V heads
     sinks: torch.Tensor  # [nq] fp32, one logit per query head
-    out_w: torch.Tensor  # [H, q]
-    out_b: torch.Tensor  # [H]
+    out: Linear  # [H, q] + [H]
     mlp_norm: torch.Tensor  # [H] fp32, the MoE block's pre-norm
 
 
-@dataclass
-class RouterWeights:
-    weight: torch.Tensor  # [E, H]
-    bias: torch.Tensor  # [E]
+RouterWeights = Linear  # [E, H] + [E]
 
 
 @dataclass
@@ -45,9 +43,19 @@ class DenseStack:
     """n expert matrices held as floats."""
 
     weight: torch.Tensor  # [n, out, in]
+    packed: list[torch.Tensor | None] = field(default_factory=list, repr=False, compare=False)
 
     def matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
         return self.weight[i].to(dtype)
+
+    def apply(self, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [N, in] -> [N, out] through expert i."""
+        if self.packed and x.dtype == self.weight.dtype:
+            return linear.apply(x, self.weight[i], bias, self.packed[i])
+        return F.linear(x, self.matrix(i, x.dtype), bias)
+
+    def prepare(self) -> None:
+        self.packed = [linear.prepack(w) for w in self.weight]
 
     def logical_numel(self) -> int:
         return self.weight.numel()
@@ -55,13 +63,36 @@ class DenseStack:
 
 @dataclass
 class Mxfp4Stack:
-    """n expert matrices kept packed in MXFP4 (4.25 bits per weight), decoded on use."""
+    """n expert matrices kept packed in MXFP4 (4.25 bits per weight), decoded on use: only the
+    experts a step routes to, and up to `cache_bytes` of decoded experts are kept (least recently
+    used dropped first) so that hot experts are not decoded on every step."""
 
     blocks: torch.Tensor  # [n, out, in/32, 16] uint8
     scales: torch.Tensor  # [n, out, in/32] uint8
+    cache_bytes: int = 0
+    _decoded: OrderedDict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=OrderedDict, repr=False,
+                                                                        compare=False)
 
     def matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
-        return mxfp4.dequantize(self.blocks[i], self.scales[i], dtype)
+        key = (i, dtype)
+        hit = self._decoded.get(key)
+        if hit is not None:
+            self._decoded.move_to_end(key)
+            return hit
+        w = mxfp4.dequantize(self.blocks[i], self.scales[i], dtype)
+        size = w.numel() * w.element_size()
+        if size <= self.cache_bytes:
+            while self._decoded and size + sum(t.numel() * t.element_size() for t in self._decoded.values()) \
+                    > self.cache_bytes:
+                self._decoded.popitem(last=False)
+            self._decoded[key] = w
+        return w
+
+    def apply(self, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.matrix(i, x.dtype), bias)
+
+    def prepare(self) -> None:
+        """Decoded matrices are made on use (and cached)."""
 
     def logical_numel(self) -> int:
         return self.blocks.numel() * 2
@@ -93,7 +124,7 @@ class ExpertWeights:
 class GlobalWeights:
     embedding: torch.Tensor  # [V, H]
     final_norm: torch.Tensor  # [H] fp32
-    unembedding: torch.Tensor  # [V, H]
+    unembedding: Linear  # [V, H], no bias
 
 
 @dataclass
@@ -108,8 +139,27 @@ class ModelWeights:
         return sum(t.numel() if isinstance(t, torch.Tensor) else t.logical_numel() for t in _leaves(self))
 
 
+def prepare(obj: object) -> None:
+    """Make the runtime forms of every linear weight and expert stack in `obj` (prepacked GEMM
+    weights where the device has them: linear.py). Call after moving the weights to their device."""
+    if isinstance(obj, (Linear, DenseStack, Mxfp4Stack)):
+        obj.prepare()
+    elif isinstance(obj, list):
+        for item in obj:
+            prepare(item)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
+        for f in dataclasses.fields(obj):
+            prepare(getattr(obj, f.name))
+
+
 def _leaves(obj: object) -> Iterator[torch.Tensor | DenseStack | Mxfp4Stack]:
-    if isinstance(obj, (torch.Tensor, DenseStack, Mxfp4Stack)):
+    if isinstance(obj, (DenseStack, Mxfp4Stack)):
+        yield obj
+    elif isinstance(obj, Linear):
+        yield obj.weight
+        if obj.bias is not None:
+            yield obj.bias
+    elif isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, list):
         for item in obj:
@@ -125,10 +175,10 @@ def move_to(obj: object, device: torch.device | str) -> None:
         for item in obj:
             move_to(item, device)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
-        for field in dataclasses.fields(obj):
-            value = getattr(obj, field.name)
-            if isinstance(value, torch.Tensor):
-                setattr(obj, field.name, value.to(device))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:  # not a prepacked copy
+                setattr(obj, f.name, value.to(device))
             else:
                 move_to(value, device)
 
@@ -164,7 +214,7 @@ def load_globals(ckpt: Checkpoint, dtype: torch.dtype) -> GlobalWeights:
     return GlobalWeights(
         embedding=read("embedding", vh).to(dtype),
         final_norm=read("final_norm", (cfg.hidden_size,)).float(),
-        unembedding=read("unembedding", vh).to(dtype),
+        unembedding=Linear(read("unembedding", vh).to(dtype)),
     )
 
 
@@ -180,11 +230,9 @@ def load_attention(ckpt: Checkpoint, dtype: torch.dtype, layers: range | None = 
 
         out.append(AttentionWeights(
             attn_norm=read("attn_norm", (h,)).float(),
-            qkv_w=read("qkv_w", (qkv, h)).to(dtype),
-            qkv_b=read("qkv_b", (qkv,)).to(dtype),
+            qkv=Linear(read("qkv_w", (qkv, h)).to(dtype), read("qkv_b", (qkv,)).to(dtype)),
             sinks=read("sinks", (cfg.num_attention_heads,)).float(),
-            out_w=read("out_w", (h, cfg.q_dim)).to(dtype),
-            out_b=read("out_b", (h,)).to(dtype),
+            out=Linear(read("out_w", (h, cfg.q_dim)).to(dtype), read("out_b", (h,)).to(dtype)),
             mlp_norm=read("mlp_norm", (h,)).float(),
         ))
     return out
@@ -266,9 +314,9 @@ def empty_model(cfg: GptOssConfig, device: str = "meta", dtype: torch.dtype = to
     layers = range(cfg.num_hidden_layers)
     return ModelWeights(
         config=cfg,
-        globals=GlobalWeights(embedding=t(v, h), final_norm=t(h), unembedding=t(v, h)),
-        attention=[AttentionWeights(t(h), t(qkv, h), t(qkv), t(cfg.num_attention_heads), t(h, cfg.q_dim), t(h), t(h))
-                   for _ in layers],
+        globals=GlobalWeights(embedding=t(v, h), final_norm=t(h), unembedding=Linear(t(v, h))),
+        attention=[AttentionWeights(t(h), Linear(t(qkv, h), t(qkv)), t(cfg.num_attention_heads),
+                                    Linear(t(h, cfg.q_dim), t(h)), t(h)) for _ in layers],
         routers=[RouterWeights(t(e, h), t(e)) for _ in layers],
         experts=[ExpertWeights(0, DenseStack(t(e, 2 * inter, h)), t(e, 2 * inter), DenseStack(t(e, h, inter)), t(e, h))
                  for _ in layers],

@@ -70,7 +70,7 @@ def test_every_layout_loads_the_same_model(layouts: dict[str, Path], name: str) 
     with Checkpoint(layouts["hf"]) as a, Checkpoint(layouts[name]) as b:
         assert a.config == b.config
         wa, wb = load_model(a, torch.float32), load_model(b, torch.float32)
-    for x, y in ((wa.globals.embedding, wb.globals.embedding), (wa.attention[1].qkv_w, wb.attention[1].qkv_w),
+    for x, y in ((wa.globals.embedding, wb.globals.embedding), (wa.attention[1].qkv.weight, wb.attention[1].qkv.weight),
                  (wa.attention[3].sinks, wb.attention[3].sinks), (wa.routers[2].bias, wb.routers[2].bias),
                  (wa.experts[1].gate_up.weight, wb.experts[1].gate_up.weight),
                  (wa.experts[3].down.weight, wb.experts[3].down.weight)):

@@ -58,3 +58,24 @@ def test_assignments_outside_the_range_are_refused() -> None:
         assert "outside experts [4, 8)" in str(exc)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_row_blocks_cover_every_row_once_in_order() -> None:
+    from model_shards.moe import row_blocks
+
+    spans = [(0, 3), (2, 5), (7, 1), (9, 2)]
+    blocks = row_blocks(spans, 4)
+    assert [b for b, _ in blocks] == [slice(0, 3), slice(3, 8), slice(8, 11)]
+    assert [segs for _, segs in blocks] == [[(0, 3)], [(2, 5)], [(7, 1), (9, 2)]]
+    assert row_blocks(spans, 100) == [(slice(0, 11), spans)]
+
+
+def test_blocked_expert_rows_give_the_same_outputs(monkeypatch) -> None:
+    import model_shards.moe as moe
+
+    cfg = preset("tiny")
+    weights = random_weights(cfg, seed=2)
+    t = torch.randn(40, cfg.hidden_size)
+    whole = moe_block(t, weights.routers[0], weights.experts[0], cfg)
+    monkeypatch.setattr(moe, "ROW_BLOCK", 7)  # experts split across blocks
+    assert torch.equal(moe_block(t, weights.routers[0], weights.experts[0], cfg), whole)

@@ -26,15 +26,15 @@ def transformers_state_dict(w: ModelWeights) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names (experts as its [E, in, out] float parameters)."""
     cfg = w.config
     sd = {"model.embed_tokens.weight": w.globals.embedding, "model.norm.weight": w.globals.final_norm,
-          "lm_head.weight": w.globals.unembedding}
+          "lm_head.weight": w.globals.unembedding.weight}
     split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
     for i in range(cfg.num_hidden_layers):
         a, r, e, p = w.attention[i], w.routers[i], w.experts[i], f"model.layers.{i}."
-        for name, weight, bias in zip("qkv", torch.split(a.qkv_w, split), torch.split(a.qkv_b, split)):
+        for name, weight, bias in zip("qkv", torch.split(a.qkv.weight, split), torch.split(a.qkv.bias, split)):
             sd[f"{p}self_attn.{name}_proj.weight"], sd[f"{p}self_attn.{name}_proj.bias"] = weight, bias
         sd.update({
             p + "input_layernorm.weight": a.attn_norm, p + "post_attention_layernorm.weight": a.mlp_norm,
-            p + "self_attn.o_proj.weight": a.out_w, p + "self_attn.o_proj.bias": a.out_b,
+            p + "self_attn.o_proj.weight": a.out.weight, p + "self_attn.o_proj.bias": a.out.bias,
             p + "self_attn.sinks": a.sinks,
             p + "mlp.router.weight": r.weight, p + "mlp.router.bias": r.bias,
             p + "mlp.experts.gate_up_proj": e.gate_up.weight.transpose(1, 2),

@@ -1,0 +1,49 @@
+"""A linear layer's weights, and the fastest way this machine has to apply them.
+
+On a CPU with oneDNN, a bf16 weight reordered once into oneDNN's blocked layout ("prepacked") runs
+about twice as fast as `F.linear` for the few rows of a decode step, and 1.7x for the unembedding
+(measured on the 2-core VM: a [1024, 512] weight at 1-16 rows, 50 -> 25 us; the [201088, 512]
+unembedding at 1 row, 14.3 -> 8.4 ms): F.linear reorders the weight on every call. `prepare()` makes
+that copy once; elsewhere (float32, CUDA, no oneDNN) nothing changes. The prepacked path computes the
+same bf16 products with fp32 accumulation, in another order: results agree within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [out, in] -> the same weight in oneDNN's layout, or None where that does not apply."""
+    if not can_prepack(weight):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+
+def apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] -> [N, out] = x W^T + b, through the prepacked weight when there is one."""
+    if packed is not None and x.dtype == weight.dtype and x.dim() == 2 and x.shape[0] > 0:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+@dataclass
+class Linear:
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None = None  # [out]
+    packed: torch.Tensor | None = field(default=None, repr=False, compare=False)  # see prepack()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return apply(x, self.weight, self.bias, self.packed)
+
+    def prepare(self) -> None:
+        """Make the prepacked copy (it costs the weight's memory once more)."""
+        self.packed = prepack(self.weight)
