@@ -23,7 +23,8 @@ from model_shards.allocator import keep_freed_memory
 
 class PlaneMember:
     def __init__(self, role: str, spec: Spec, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
+        torch.set_num_threads(self.threads)
         keep_freed_memory()
         self.obj: Role = make_role(role, spec)
         self.name = member_name(role, self.obj.index)
@@ -52,6 +53,7 @@ class PlaneMember:
     def serve(self) -> str:
         """Runs the role's loop; returns "stopped" once `stop` ended it (anything else is a failure)."""
         assert self.endpoint is not None
+        torch.set_num_threads(self.threads)  # per calling thread (see LocalExecutor.enter_thread)
         try:
             self.obj.serve(self.endpoint)
         except StreamClosed:

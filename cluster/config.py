@@ -59,6 +59,8 @@ class EngineConfig:
     max_attempts: int = option(3, "executor failures a request may live through before it ends with an error",
                                ge=1)
     prefix_caching: bool = option(True, "reuse the KV of prompt prefixes that earlier requests computed")
+    threads: int | None = option(None, "torch threads of the local engine (default: every core of the machine; "
+                                       "cluster actors use --cpus-per-actor)", ge=1)
 
     def __post_init__(self) -> None:
         check_options(self)

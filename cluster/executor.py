@@ -53,12 +53,20 @@ class Executor(ABC):
     @abstractmethod
     def stats(self) -> ExecutorStats: ...
 
+    def enter_thread(self) -> None:
+        """Called by the thread that will run execute() (the engine's loop), before its first step."""
+
     def shutdown(self) -> None:
         """Release actors and resources."""
 
 
 class LocalExecutor(Executor):
-    def __init__(self, source: ModelSource, kv: KVSpec, keep_mxfp4: bool = False, device: str = "cpu") -> None:
+    def __init__(self, source: ModelSource, kv: KVSpec, keep_mxfp4: bool = False, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        # Inside a Ray actor (a Serve replica) OMP_NUM_THREADS is the actor's CPU count, 1 by default:
+        # the local engine computes with the threads it is given, or every core.
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
         self.model = load_local_model(source.model, source.torch_dtype, keep_mxfp4, device, source.layout)
         self.config = self.model.config
         self.kv = kv
@@ -68,6 +76,9 @@ class LocalExecutor(Executor):
         self.moe_s = 0.0
         self.recoveries = 0
         self.cache = self._new_cache()
+
+    def enter_thread(self) -> None:
+        torch.set_num_threads(self.threads)  # OpenMP's thread count is a per-thread setting
 
     def _new_cache(self) -> KVCache:
         kv = self.kv

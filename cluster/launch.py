@@ -34,11 +34,13 @@ def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor
     connected to, or a new one started in this process)."""
     source = args.model.source()
     if args.engine.engine == "local":
-        return LocalExecutor(source, args.engine.kv, args.model.keep_mxfp4, args.model.device)
+        return LocalExecutor(source, args.engine.kv, args.model.keep_mxfp4, args.model.device, args.engine.threads)
     from cluster.cluster_executor import ClusterExecutor  # imports ray: only when asked for
 
     return ClusterExecutor(source, args.cluster, args.engine.kv, args.model.keep_mxfp4, ray_address)
 
 
 def build_engine(args: EngineArgs, ray_address: str | None = None) -> Engine:
+    if args.engine.engine == "local":  # built in the engine's thread, which then runs every step (engine.py)
+        return Engine(lambda: build_executor(args), args.engine)
     return Engine(build_executor(args, ray_address), args.engine)

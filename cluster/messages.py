@@ -51,7 +51,7 @@ class ReplicaStep:
 class Sampled:
     seq_id: int
     token: int
-    logprob: float
+    logprob: float | None  # None when the request did not ask for log-probs
     top: list[tuple[int, float]] = field(default_factory=list)  # top_logprobs alternatives, if asked
 
 

@@ -63,11 +63,12 @@ class ApiService:
 
     @staticmethod
     def sampling(max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None,
-                 stops: tuple[int, ...], top_logprobs: int = 0,
+                 stops: tuple[int, ...], logprobs: bool = False, top_logprobs: int = 0,
                  bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
+        """Log-probs are computed only when the client asks for them (a pass over the vocabulary)."""
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                               top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=stops,
-                              top_logprobs=top_logprobs, logit_bias=bias)
+                              top_logprobs=top_logprobs, logit_bias=bias, logprobs=logprobs)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
               names: dict[str, str] | None = None, leader: str | None = None) -> Generation:

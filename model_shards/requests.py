@@ -24,7 +24,7 @@ class InvalidRequest(ValueError):
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]  # generated ids, including the stop token when one ended the sequence
-    logprobs: list[float]  # log-prob of each generated id under the unmodified distribution
+    logprobs: list[float | None]  # log-prob of each generated id under the unmodified distribution (if asked)
     finish_reason: str  # "stop" (a stop token), "length" (max_tokens) or "abort"
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
     replica: int | None = None  # the attention replica that ran it

@@ -28,6 +28,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0  # also report this many most likely tokens per position (0..20)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before choosing
+    logprobs: bool = True  # compute each chosen token's log-prob (a full pass over the vocabulary per row)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -70,7 +71,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 @dataclass
 class Choice:
     token: int
-    logprob: float  # under the unmodified distribution
+    logprob: float | None  # under the unmodified distribution; None when the params did not ask
     top: list[tuple[int, float]]  # the most likely tokens and their log-probs, when asked for
 
 
@@ -108,6 +109,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
         if not p.greedy:
             probs = top_p_filter(_probabilities(biased[row], p.temperature).cpu(), p.top_p)  # [V]
             tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
+    if not any(p.logprobs or p.top_logprobs for p in params):  # nothing to normalize: the choices are all
+        return [Choice(token, None, []) for token in tokens.tolist()]
     chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # [S] raw logits of the choices
     most = max(p.top_logprobs for p in params)
     top_values, top_ids = torch.topk(logits, most, dim=-1) if most else (None, None)  # [S, most]
@@ -120,5 +123,5 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
     for row, p in enumerate(params):
         top = list(zip(top_id_rows[row][:p.top_logprobs], top_value_rows[row][:p.top_logprobs])) if p.top_logprobs \
             else []
-        out.append(Choice(int(host[0][row]), host[1][row], top))
+        out.append(Choice(int(host[0][row]), host[1][row] if p.logprobs or p.top_logprobs else None, top))
     return out

@@ -54,7 +54,7 @@ def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     prompt_ids = render_chat(messages, reasoning_effort=req.reasoning_effort or "medium", tools=tools)
     max_tokens = req.max_completion_tokens or req.max_tokens or service.default_max_tokens(len(prompt_ids))
     stops = () if req.ignore_eos else CHAT_STOP_TOKENS
-    params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, stops,
+    params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs,
                               req.top_logprobs or 0 if req.logprobs else 0,
                               parse_logit_bias(req.logit_bias, service.vocab_size))
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

@@ -102,8 +102,8 @@ async def completions(req: CompletionRequest,
         raise bad_request("suffix is not supported", "suffix", "unsupported_parameter")
     prompts = prompt_ids(req.prompt)
     stops = () if req.ignore_eos else TEXT_STOP_TOKENS
-    params = service.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs or 0,
-                              parse_logit_bias(req.logit_bias, service.vocab_size))
+    params = service.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs is not None,
+                              req.logprobs or 0, parse_logit_bias(req.logit_bias, service.vocab_size))
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = service.new_id("cmpl")
     runs = service.start_choices(prompts, params, request_id, req.n)

@@ -79,3 +79,26 @@ def test_blocked_expert_rows_give_the_same_outputs(monkeypatch) -> None:
     whole = moe_block(t, weights.routers[0], weights.experts[0], cfg)
     monkeypatch.setattr(moe, "ROW_BLOCK", 7)  # experts split across blocks
     assert torch.equal(moe_block(t, weights.routers[0], weights.experts[0], cfg), whole)
+
+
+def test_batched_experts_equal_the_per_expert_path() -> None:
+    from model_shards.moe import batched_experts, batches_well
+    from model_shards.weights import prepare
+
+    cfg = preset("tiny")
+    weights = random_weights(cfg, seed=3)
+    experts = weights.experts[0]
+    for stack in (experts.gate_up, experts.down):
+        stack.weight = stack.weight.to(torch.bfloat16)
+    experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
+    prepare(experts)
+    segments = [(e, 1 + e % 3) for e in range(cfg.num_experts)]
+    rows = torch.randn(sum(c for _, c in segments), cfg.hidden_size, dtype=torch.bfloat16)
+    per_expert = torch.cat([experts.down.apply(e, swiglu(experts.gate_up.apply(e, part, experts.gate_up_bias[e])
+                                                             .float(), cfg.swiglu_limit, cfg.swiglu_alpha).bfloat16(),
+                                               experts.down_bias[e])
+                            for (e, _), part in zip(segments, rows.split([c for _, c in segments]))])
+    if experts.gate_up.packed and experts.gate_up.packed[0] is not None:  # a CPU that prepacks bf16
+        assert batches_well(experts, len(segments)) and not batches_well(experts, 2)
+    batched = batched_experts(rows, segments, experts, cfg)
+    assert torch.allclose(batched.float(), per_expert.float(), atol=3e-2, rtol=2e-2)  # bf16 rounding apart
