@@ -54,6 +54,10 @@ class EngineConfig:
     block_size: int = option(16, "tokens per KV block", ge=1)
     max_num_seqs: int = option(64, "running sequences per attention replica", ge=1)
     max_num_batched_tokens: int = option(2048, "tokens per step over all replicas; longer prefills are chunked", ge=1)
+    long_prefill_token_threshold: int | None = option(
+        None, "a prompt with more tokens left to prefill than this is long: short prompts are scheduled before it "
+              "(default: a quarter of max_num_batched_tokens)", ge=1)
+    max_num_partial_prefills: int = option(1, "long prompts whose prefill may progress in the same step", ge=1)
     max_model_len: int | None = option(None, "prompt + output limit (default: the model's context length)", ge=2)
     max_waiting: int = option(1024, "queued requests beyond which new ones are refused (HTTP 429)", ge=1)
     max_attempts: int = option(3, "executor failures a request may live through before it ends with an error",
@@ -67,6 +71,10 @@ class EngineConfig:
         if self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one block "
                              f"({self.block_size} tokens)")
+
+    @property
+    def long_prefill(self) -> int:
+        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 4)
 
     @property
     def kv(self) -> KVSpec:

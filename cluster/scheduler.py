@@ -1,10 +1,14 @@
 """The scheduler: which sequences run in the next step, on which attention replica, with which KV blocks.
 
 Each step gives every running sequence in decode one token, then fills the rest of the token budget
-with prefill chunks (in arrival order). Waiting requests are admitted in arrival order while some
-replica has a free sequence slot and KV room for the request's whole lifetime (prompt + max_tokens,
-less what the prefix cache already holds): reserving up front means a running sequence never has to
-be preempted. The KV blocks themselves are allocated by the replica's `ReplicaKV` (kv_manager.py).
+with prefill chunks: short prompts first (at most `long_prefill_token_threshold` tokens left), in
+arrival order, then at most `max_num_partial_prefills` long ones (vLLM's names), oldest first. So a
+short request that arrives while a long prompt is being prefilled gets its first token at the end of
+the next step, and several long prompts do not all slow down at once.
+
+Waiting requests are admitted in arrival order while some replica has a free sequence slot and KV
+room for the request's whole lifetime (prompt + max_tokens, less what the prefix cache already
+holds): reserving up front means a running sequence never has to be preempted. The KV blocks themselves are allocated by the replica's `ReplicaKV` (kv_manager.py).
 
 Placement over several replicas: a request goes to the replica whose prefix cache holds the longest
 part of its prompt, unless that replica runs more than `load_slack` (a quarter of the sequence slots,
@@ -156,7 +160,10 @@ class Scheduler:
         chunks: dict[int, list[tuple[Seq, int]]] = {}
         decoding = [s for s in self.running if s.cached >= len(s.prompt)]
         prefilling = [s for s in self.running if s.cached < len(s.prompt)]
-        for seq in decoding + prefilling:
+        threshold = self.config.long_prefill
+        short = [s for s in prefilling if s.known - s.cached <= threshold]
+        long = sorted((s for s in prefilling if s.known - s.cached > threshold), key=lambda s: s.cached == 0)
+        for seq in decoding + short + long[:self.config.max_num_partial_prefills]:
             n = min(seq.known - seq.cached, budget)
             if n <= 0:
                 continue

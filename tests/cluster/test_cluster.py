@@ -146,3 +146,25 @@ def test_expert_bounds() -> None:
             expert_bounds(16, shards)
     with pytest.raises(ValueError, match="increasing"):
         expert_bounds(16, 3, (9, 4))
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_prefill_on_the_cluster(ray_session, tiny_hf: Path) -> None:
+    """The same bound as on the local engine (test_engine.py): first token one step after arrival."""
+    from cluster.cluster_executor import ClusterExecutor
+    from cluster.config import EngineConfig
+
+    executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"), ClusterConfig(step_timeout_s=30), KV)
+    engine = Engine(executor, EngineConfig(max_num_batched_tokens=64))
+    try:
+        gen = torch.Generator().manual_seed(9)
+        long = engine.submit(torch.randint(0, 199_998, (1200,), generator=gen).tolist(),
+                             SamplingParams(max_tokens=2, temperature=0.0))
+        while engine.steps < 2:
+            time.sleep(0.001)
+        arrived_at = engine.steps
+        short = engine.submit(prompts()[0], SamplingParams(max_tokens=1, temperature=0.0))
+        assert short.events.get(timeout=60).token is not None
+        assert engine.steps <= arrived_at + 2 < 1200 // 64
+        assert long.result(timeout=120).token_ids
+    finally:
+        engine.shutdown()

@@ -236,3 +236,19 @@ def test_a_failing_consumer_does_not_stop_the_engine(local: LocalExecutor) -> No
     eng.submit(prompts(5)[0], GREEDY, sink=broken_sink)
     assert len(eng.generate(prompts(6), GREEDY, timeout=60)[0].token_ids) == 8
     assert eng.healthy
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_prefill(local: LocalExecutor) -> None:
+    """Bound (documented in scheduler.py): a short request's first token comes at the end of the first
+    step that starts after it arrives, while a long prompt is still being prefilled."""
+    eng = engine(local, max_num_batched_tokens=64)  # long: more than 16 tokens left to prefill
+    long = eng.submit(prompts(1200)[0], SamplingParams(max_tokens=2, temperature=0.0))
+    while eng.steps < 2:
+        time.sleep(0.001)
+    arrived_at = eng.steps
+    short = eng.submit(prompts(10, seed=3)[0], SamplingParams(max_tokens=1, temperature=0.0))
+    assert short.events.get(timeout=60).token is not None
+    first_token_at = eng.steps
+    assert first_token_at <= arrived_at + 2  # the step running when it arrived, then its own
+    assert long.result(timeout=120).token_ids  # and the long prompt still finishes
+    assert first_token_at < 1200 // 64  # long before the long prompt's prefill could have ended
