@@ -67,6 +67,10 @@ phase local "$GPTOSS" "${vocab[@]}" serve --model "$MODEL" --engine local --dtyp
 phase cluster "$GPTOSS" "${vocab[@]}" serve --model "$MODEL" --engine cluster --dtype bfloat16 \
   --max-model-len "$MAX_LEN" --port "$PORT" $CLUSTER_ARGS
 
+echo "== bare decode steps (no server): $GPTOSS bench --engine local --batch-sizes 1,16,64 --input-len $INPUT"
+"$GPTOSS" "${vocab[@]}" bench --model "$MODEL" --engine local --dtype bfloat16 --batch-sizes 1,16,64 \
+  --input-len "$INPUT" | tee "$WORK/bare"
+
 python3 - "$WORK" "$LONG" <<'PY'
 import json, pathlib, sys
 work, long_len = pathlib.Path(sys.argv[1]), int(sys.argv[2])
@@ -80,6 +84,9 @@ for i, level in enumerate(runs["vllm"]["levels"]):
 itl = {n: r["levels"][0]["itl_ms"]["p50"] for n, r in runs.items()}
 print(f"ITL p50 at concurrency {runs['vllm']['levels'][0]['concurrency']}: vLLM {itl['vllm']:.1f} ms, "
       f"local {itl['local']:.1f} ms, cluster {itl['cluster']:.1f} ms")
+bare = last(work / "bare")["results"][0]["step_ms_p50"]
+print(f"bare decode step at batch 1: {bare:.1f} ms; served ITL p50 at concurrency 1 (local): {itl['local']:.1f} ms "
+      f"= {itl['local'] / bare:.2f}x")
 if long_len:
     ttft = {n: last(work / f"{n}.long")["levels"][0]["ttft_ms"]["p50"] for n in runs}
     print(f"TTFT p50 of a {long_len}-token prompt: vLLM {ttft['vllm']:.0f} ms, local {ttft['local']:.0f} ms "
