@@ -14,7 +14,7 @@ import ray
 import torch
 
 from cluster.messages import ActorInfo
-from cluster.names import member_name
+from cluster.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE, member_name
 from cluster.roles import Role, Spec, make_role
 from cluster.telemetry import ReplicaStats, RouterStats, ShardStats
 from cluster.transport import Address, Endpoint, PlaneSpec, StreamClosed
@@ -74,4 +74,19 @@ class PlaneMember:
         return self.obj.stats()
 
 
-RemoteMember = ray.remote(max_concurrency=4)(PlaneMember)
+# One actor class per role, so that `ps`, Ray's dashboard and `ray list actors` name each process by
+# its role (Ray titles a worker process after its actor class: ray::AttentionReplicaActor).
+class AttentionReplicaActor(PlaneMember):
+    pass
+
+
+class RouterActor(PlaneMember):
+    pass
+
+
+class ExpertShardActor(PlaneMember):
+    pass
+
+
+REMOTE_MEMBERS = {role: ray.remote(max_concurrency=4)(cls) for role, cls in
+                  ((REPLICA_ROLE, AttentionReplicaActor), (ROUTER_ROLE, RouterActor), (SHARD_ROLE, ExpertShardActor))}

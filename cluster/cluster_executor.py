@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import RemoteMember
+from cluster.actors import REMOTE_MEMBERS
 from cluster.channels import remove_rings
 from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec, expert_bounds
 from cluster.executor import Executor, ExecutorFailure
@@ -63,7 +63,7 @@ class ClusterExecutor(Executor):
                           c.recovery_timeout_s)
         threads = max(1, int(c.cpus_per_actor))
         self.actors = {
-            name: RemoteMember.options(
+            name: REMOTE_MEMBERS[role].options(
                 num_cpus=c.cpus_per_actor, num_gpus=gpus, resources=extra or None, max_restarts=c.max_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),

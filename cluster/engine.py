@@ -89,8 +89,6 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             if not self.healthy:
                 raise EngineUnavailable(self.last_error or "the engine is not healthy")
-            if len(self.scheduler.waiting) >= self.config.max_waiting:
-                raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting; try again later")
             seq_id = next(self._ids)
             request_id = request_id or f"req-{seq_id}"
             if request_id in self._by_request:
@@ -100,6 +98,10 @@ class Engine:
             lead = self._by_request.get(leader) if leader is not None else None
             seq = Seq(seq_id, handle, list(prompt_ids), params, seed, RequestTimes(time.monotonic()), leader=lead)
             self.scheduler.waiting.append(seq)
+            self.scheduler.admit()  # what the next step would run is not waiting: only the rest counts
+            if seq in self.scheduler.waiting and len(self.scheduler.waiting) > self.config.max_waiting:
+                self.scheduler.waiting.remove(seq)
+                raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting; try again later")
             self._by_request[request_id] = seq
             self._lock.notify()
         return handle

@@ -22,8 +22,10 @@ __all__ = ["ApiSettings", "create_api"]
 
 
 def create_api(engine: Engine, settings: ApiSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+    # /docs and /redoc are off unless asked for: their pages load scripts from a CDN.
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="gptoss-ray", version="0.1.0",
-                  description="OpenAI-compatible API for gpt-oss on a Ray cluster")
+                  description="OpenAI-compatible API for gpt-oss on a Ray cluster", **docs)
     app.state.service = ApiService(engine, settings, metrics or ServerMetrics(engine, settings.model_name))
     errors.install(app)
     install_middleware(app, settings.api_key, settings.max_body_bytes)

@@ -107,7 +107,8 @@ class OpenAIServer:
         self.metrics = ServerMetrics(self.engine, name)
         self.export = RayExport(self.metrics.registry)
         s = config.server
-        settings = ApiSettings(name, api_key(config), s.max_body_bytes, s.request_timeout_s, s.default_max_tokens)
+        settings = ApiSettings(name, api_key(config), s.max_body_bytes, s.request_timeout_s, s.default_max_tokens,
+                               s.docs)
         self.asgi_app = create_api(self.engine, settings, self.metrics)
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             from deploy.serve_cmd import run
 
-            return run(args)
+            return run(args, argv)
     except USER_ERRORS as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig, Resources
 from cluster.launch import EngineArgs
 from cluster.options import OptionValue, check_options, flat_values, option, split_values
@@ -23,6 +24,8 @@ class ServerConfig:
     max_body_bytes: int = option(4 << 20, "largest request body in bytes (413 beyond)", ge=1024)
     default_max_tokens: int = option(4096, "max_tokens of chat and responses requests that give none", ge=1)
     drain_timeout_s: float = option(30.0, "seconds in-flight requests get at shutdown", ge=0)
+    docs: bool = option(False, "serve the interactive API docs at /docs and /redoc (their pages load scripts "
+                               "from a CDN); /openapi.json is always served")
     ingress_num_cpus: float = option(1.0, "CPUs of the Serve replica that runs the engine", ge=0)
     ingress_resources: Resources = option({}, "custom Ray resources that place the Serve replica")
 
@@ -68,7 +71,14 @@ class AppConfig:
         return EngineArgs(self.model, self.engine, self.cluster)
 
     def model_name(self) -> str:
-        return self.server.served_model_name or self.model.model or RANDOM_MODEL_NAME
+        """What clients call the model: --served-model-name, else a hub id as given, or a checkpoint
+        directory's name (never its path: paths stay on the server)."""
+        if self.server.served_model_name:
+            return self.server.served_model_name
+        if not self.model.model:
+            return RANDOM_MODEL_NAME
+        path = Path(self.model.model).expanduser()
+        return path.resolve().name if path.is_dir() else self.model.model
 
     def with_random_model(self, path: str) -> AppConfig:
         """No model given: serve the random-weight checkpoint at `path`, under RANDOM_MODEL_NAME."""

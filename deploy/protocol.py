@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Union
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from model_shards.requests import InvalidRequest
@@ -82,6 +83,11 @@ class SamplingFields(Strict):
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = Field(default=False, description="extension: keep generating past stop tokens")
 
+    def check(self) -> None:
+        """What the schema cannot say: combinations of fields (InvalidRequest names the field)."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+
 
 # -- chat ------------------------------------------------------------------------------------------
 
@@ -137,6 +143,14 @@ class ResponseFormat(Strict):
     json_schema: dict[str, Any] | None = None
 
 
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """A JSON Schema that its own meta-schema accepts (InvalidRequest otherwise)."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidRequest(f"{param} is not a valid JSON schema: {exc.message}", param) from None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, le=INT64)
@@ -149,6 +163,18 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidRequest("tool_choice needs tools: none were given", "tool_choice")
+        for i, tool in enumerate(self.tools or []):
+            if tool.function.parameters is not None:
+                check_json_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+        for i, m in enumerate(self.messages):
+            if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.reasoning or
+                                                                     m.reasoning_content)):
+                raise InvalidRequest(f"messages[{i}] ({m.role}) has no content", "messages")
 
 
 # -- completions -----------------------------------------------------------------------------------

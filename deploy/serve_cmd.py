@@ -8,11 +8,15 @@ Ctrl-C drains: in-flight requests get up to --drain-timeout seconds, new ones ar
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import math
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 
@@ -41,16 +45,72 @@ def drain(handle: object, timeout_s: float) -> None:
         left = handle.begin_drain.remote().result()  # type: ignore[attr-defined]
 
 
-def run(args: argparse.Namespace) -> int:
+def check_port_free(host: str, port: int) -> None:
+    """Fail now if another process listens on host:port. (Serve's HTTP server binds with SO_REUSEPORT, so
+    a second server would start anyway and the kernel would split connections between the two.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeFailed(f"cannot serve on {host}:{port}: {exc.strerror or exc} (is another server running "
+                              f"there? choose another --port)") from None
+
+
+_SESSION_CHILD = "GPTOSS_SERVE_SESSION_CHILD"  # set for the child run_in_own_session starts
+API_KEY_ENV = "GPTOSS_API_KEY"  # the API key without a command line that `ps` shows (like VLLM_API_KEY)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    config = AppConfig.from_options(read_options(args, APP_GROUPS))  # bad arguments fail here, before Ray starts
+    launch = LaunchOptions(**read_options(args, [LaunchOptions]))
+    check_port_free(launch.host, launch.port)
+    if config.model.model is not None:
+        with config.model.source().open():  # a checkpoint that cannot be read fails here, in one line
+            pass
+    if not launch.ray_address and os.environ.get(_SESSION_CHILD) != "1":
+        return run_in_own_session(argv)
+    return serve_here(config, launch)
+
+
+def run_in_own_session(argv: list[str]) -> int:
+    """Run the server in a child process in a session of its own, and pass it SIGTERM and SIGINT.
+
+    Ray, started in the server's process, puts its daemons and workers in that process's group.
+    Supervisors (systemd, most init systems, a shell's job control) signal the whole group: without
+    this, SIGTERM would reach Ray's processes before the server could drain. The child dies with
+    this process (PR_SET_PDEATHSIG) if this one is killed outright."""
+    child = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], env={**os.environ, _SESSION_CHILD: "1"},
+                             start_new_session=True, preexec_fn=_terminate_with_parent)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _frame: child.send_signal(number))
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # SIGINT arrived between handler installs; it was forwarded or will be
+            continue
+
+
+def _terminate_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only; elsewhere nothing ties the child
+    except (OSError, AttributeError):
+        pass
+
+
+def serve_here(config: AppConfig, launch: LaunchOptions) -> int:
     import ray
     from ray import serve
 
-    config = AppConfig.from_options(read_options(args, APP_GROUPS))  # bad arguments fail here, before Ray starts
-    launch = LaunchOptions(**read_options(args, [LaunchOptions]))
     if config.model.vocab_dir:
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, vocab_dir=os.path.abspath(config.model.vocab_dir)))
     tokenizer(), harmony()  # so does a missing vocabulary (no network and no --vocab-dir)
+    if config.server.api_key is None and not config.server.api_key_env and os.environ.get(API_KEY_ENV):
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                        api_key=os.environ[API_KEY_ENV]))
     if config.model.model is None:
         config = config.with_random_model(str(default_random_model()))
         print(f"gptoss serve: no --model given: serving RANDOM weights (gpt-oss layout, tiny preset) from "
@@ -61,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     actors = 1 + (cluster.attention_replicas + cluster.expert_shards + 1 if config.engine.engine == "cluster" else 0)
     started_ray = not launch.ray_address
     if started_ray:
+        # Ray Serve's HTTP proxy runs our guard around its own request-id middleware (middleware.py);
+        # the proxy is started by Ray from this process's environment.
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deploy.middleware:proxy_middlewares")
         extra = {"_metrics_export_port": launch.metrics_export_port} if launch.metrics_export_port else {}
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actors * cluster.cpus_per_actor) + 2),
                  include_dashboard=False, logging_level=logging.WARNING, **extra)

@@ -27,6 +27,7 @@ class ApiSettings:
     max_body_bytes: int = 4 << 20
     request_timeout_s: float | None = None  # None: requests may run as long as they need
     default_max_tokens: int = 4096  # when a chat or responses request gives none (KV is reserved for all of it)
+    docs: bool = False  # serve /docs and /redoc
 
 
 class ApiService:

@@ -93,12 +93,24 @@ def _assistant_messages(message: dict[str, Any], call_names: dict[str, str]) -> 
     return out
 
 
+def _check_unicode(value: Any, what: str) -> None:
+    """Harmony's encoder refuses strings that are not valid Unicode (a lone surrogate such as \\ud800,
+    which JSON can carry): say so as a request error instead."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ChatFormatError(f"{what} contain text that is not valid Unicode ({exc.reason}: "
+                              f"{exc.object[exc.start:exc.end]!a})") from None
+
+
 def build_conversation(messages: list[dict[str, Any]], reasoning_effort: str = "medium",
                        tools: list[dict[str, Any]] | None = None, date: str | None = None) -> Conversation:
     if reasoning_effort not in REASONING_EFFORTS:
         raise ChatFormatError(f"reasoning_effort must be one of {REASONING_EFFORTS}")
     if not isinstance(messages, list) or not messages:
         raise ChatFormatError("messages must be a non-empty list")
+    _check_unicode(messages, "messages")
+    _check_unicode(tools, "tools")
     system = SystemContent.new().with_reasoning_effort(ReasoningEffort[reasoning_effort.upper()])
     if date:
         system = system.with_conversation_start_date(date)

@@ -38,6 +38,7 @@ class Prepared:
 
 def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     service.check_model(req.model)
+    req.check()
     service.check_unsupported(req.presence_penalty, req.frequency_penalty)
     if req.response_format is not None and req.response_format.type != "text":
         if req.response_format.type == "json_schema" and not req.response_format.json_schema:

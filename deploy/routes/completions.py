@@ -29,7 +29,7 @@ def prompt_ids(prompt: Any) -> list[list[int]]:
         prompt = [prompt]
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    return [encode(p) if isinstance(p, str) else p for p in prompt]
+    return [encode(p) if isinstance(p, str) else p for p in prompt]  # (the schema refuses invalid Unicode)
 
 
 @dataclass
@@ -56,7 +56,10 @@ class ChoiceState:
             self.offsets.append(sum(len(t) for t in self.text))
             self.token_strings.append(token_text(event.token))
             self.token_logprobs.append(float(event.logprob or 0.0))
-            self.top.append({token_text(t): lp for t, lp in event.top_logprobs})
+            top = {token_text(t): lp for t, lp in event.top_logprobs}
+            if event.top_logprobs:  # the chosen token is always among them (as OpenAI and vLLM report)
+                top.setdefault(token_text(event.token), float(event.logprob or 0.0))
+            self.top.append(top)
         self.tokens.append(event.token)
         visible = self.stops.push(self.detok.push(event.token))
         self.text.append(visible)
@@ -95,6 +98,7 @@ async def drain(run: Generation, state: ChoiceState) -> None:
 async def completions(req: CompletionRequest,
                       service: ApiService = Depends(get_service)) -> Completion | StreamingResponse:
     service.check_model(req.model)
+    req.check()
     service.check_unsupported(req.presence_penalty, req.frequency_penalty)
     if req.echo:
         raise bad_request("echo is not supported", "echo", "unsupported_parameter")

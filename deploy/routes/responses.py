@@ -13,7 +13,7 @@ from deploy.protocol import (ERROR_RESPONSES, FunctionCallItem, IncompleteDetail
                              OutputText, OutputTokensDetails, ReasoningItem, ReasoningSettings, ReasoningText,
                              ResponseObject, ResponsesRequest, ResponseUsage)
 from deploy.service import ApiService, get_service
-from model_shards.chat import CompletionParser, render_chat
+from model_shards.chat import ChatFormatError, CompletionParser, render_chat
 from model_shards.tokenizer import CHAT_STOP_TOKENS
 
 router = APIRouter()
@@ -40,7 +40,10 @@ async def responses(req: ResponsesRequest, service: ApiService = Depends(get_ser
         raise bad_request("streaming is not supported on /v1/responses yet; use stream: false or "
                           "/v1/chat/completions", "stream", "unsupported_parameter")
     effort = req.reasoning.effort if req.reasoning and req.reasoning.effort else "medium"
-    prompt_ids = render_chat(_messages(req), reasoning_effort=effort)
+    try:
+        prompt_ids = render_chat(_messages(req), reasoning_effort=effort)
+    except ChatFormatError as exc:  # the chat route's field is `messages`; this one's is `input`
+        raise bad_request(str(exc), "input") from None
     max_tokens = req.max_output_tokens or service.default_max_tokens(len(prompt_ids))
     params = service.sampling(max_tokens, req.temperature, req.top_p, None, CHAT_STOP_TOKENS)
     response_id = f"resp_{uuid.uuid4().hex}"

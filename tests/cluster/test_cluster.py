@@ -65,6 +65,14 @@ def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -
     assert owned == list(range(cluster.model_config.num_experts))
 
 
+def test_actor_processes_are_named_by_role(cluster: Engine) -> None:
+    titles = {"attention_replica": "ray::AttentionReplicaActor", "router": "ray::RouterActor",
+              "expert_shard": "ray::ExpertShardActor"}
+    for actor in cluster.executor.topology():
+        cmdline = Path(f"/proc/{actor.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert cmdline.startswith(titles[actor.role]), cmdline  # what ps and Ray's tools show
+
+
 def test_running_cluster_leaves_no_names_in_dev_shm(cluster: Engine) -> None:
     """Every ring is connected and unnamed, so killing any process (SIGKILL included) cannot leak one."""
     uid = cluster.executor._uid

@@ -252,3 +252,9 @@ def test_a_short_request_is_not_stuck_behind_a_long_prefill(local: LocalExecutor
     assert first_token_at <= arrived_at + 2  # the step running when it arrived, then its own
     assert long.result(timeout=120).token_ids  # and the long prompt still finishes
     assert first_token_at < 1200 // 64  # long before the long prompt's prefill could have ended
+
+
+def test_requests_with_room_to_run_never_count_as_waiting(local: LocalExecutor) -> None:
+    eng = engine(local, max_waiting=4, max_num_seqs=16)
+    handles = [eng.submit(prompts(8, seed=i)[0], SamplingParams(max_tokens=4, temperature=0.0)) for i in range(16)]
+    assert [len(h.result(timeout=60).token_ids) for h in handles] == [4] * 16  # none refused: all had a slot

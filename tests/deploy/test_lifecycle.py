@@ -1,0 +1,107 @@
+"""A real `gptoss serve` process as operators and supervisors treat it: a busy port, a missing model,
+SIGTERM to the whole process group, the API key from the environment, client disconnects, request
+ids through Ray Serve's proxy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.deploy.conftest import free_port
+
+BODY = {"model": "tiny", "prompt": [11, 22, 33], "max_tokens": 80, "ignore_eos": True, "temperature": 0}
+
+
+def gptoss_exe() -> str:
+    return shutil.which("gptoss") or str(Path(sys.executable).parent / "gptoss")
+
+
+def test_a_second_server_on_a_busy_port_exits_with_a_reason(vocab: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        run = subprocess.run([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and time.monotonic() - started < 60
+    assert f"cannot serve on 127.0.0.1:{port}" in run.stderr and "in use" in run.stderr
+    assert "Traceback" not in run.stderr and "ready on" not in run.stdout
+
+
+def test_a_missing_model_is_one_line_at_once(vocab: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    run = subprocess.run([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--model", str(tmp_path / "nope"),
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and time.monotonic() - started < 20
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "neither an existing directory nor" in lines[0], run.stderr
+
+
+def test_sigterm_to_the_process_group_drains(tiny_hf: Path, vocab: Path, tmp_path: Path) -> None:
+    port, key = free_port(), "sk-from-the-environment"
+    log = open(tmp_path / "serve.log", "w+")
+    # a session of its own, as a supervisor starts it: the group signal below must not reach pytest
+    proc = subprocess.Popen([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--port", str(port), "--model",
+                             str(tiny_hf), "--served-model-name", "tiny", "--engine", "local", "--dtype", "float32",
+                             "--max-model-len", "2048", "--kv-cache-tokens", "4096"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+                            env={**os.environ, "GPTOSS_API_KEY": key})
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        while "ready on" not in proc.stdout.readline():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+        assert httpx.post(f"{url}/v1/completions", json=BODY, timeout=60).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 2}, headers={**auth, "X-Request-Id": "r-1"},
+                        timeout=60)
+        assert ok.status_code == 200 and ok.headers.get_list("x-request-id") == ["r-1"]  # once, through the proxy
+        odd = httpx.get(f"{url}/v1/models", headers={**auth, "X-Request-Id": "<" * 300}, timeout=30)
+        assert odd.status_code == 200 and len(odd.headers.get_list("x-request-id")) == 1
+        assert "<" not in odd.headers["x-request-id"]
+        with httpx.stream("POST", f"{url}/v1/completions", json={**BODY, "stream": True}, headers=auth,
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")  # then the client leaves
+        result: dict[str, object] = {}
+        started = threading.Event()
+
+        def long_request() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json={**BODY, "max_tokens": 1000, "stream": True},
+                              headers=auth, timeout=120) as response:
+                chunks = []
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(line)
+                        started.set()
+                result.update(status=response.status_code, chunks=chunks)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert started.wait(60)
+        os.killpg(proc.pid, signal.SIGTERM)  # what systemd and most supervisors send
+        time.sleep(0.5)
+        assert worker.is_alive()  # (1000 tokens take seconds)
+        refused = httpx.post(f"{url}/v1/completions", json=BODY, headers=auth, timeout=30)
+        assert refused.status_code == 503  # draining: new requests are refused ...
+        worker.join(120)
+        assert result["status"] == 200 and '"finish_reason":"length"' in str(result["chunks"][-1])  # ... in-flight finish
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert "Traceback" not in text and "TaskCancelledError" not in text, text[-3000:]
