@@ -24,6 +24,7 @@ from cluster.step import run_replica_step
 from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
+from model_shards.logits import Histories
 from model_shards.loader import load_local_model
 from model_shards.moe import moe_block
 
@@ -76,6 +77,7 @@ class LocalExecutor(Executor):
         self.moe_s = 0.0
         self.recoveries = 0
         self.cache = self._new_cache()
+        self.histories = Histories()  # penalty histories of the sequences in the cache
 
     def enter_thread(self) -> None:
         torch.set_num_threads(self.threads)  # OpenMP's thread count is a per-thread setting
@@ -99,7 +101,7 @@ class LocalExecutor(Executor):
         for replica, step in steps.items():
             start = time.perf_counter()
             try:
-                sampled = run_replica_step(self.model, self.cache, step, self._moe)
+                sampled = run_replica_step(self.model, self.cache, step, self._moe, self.histories)
             except Exception as exc:  # KVCacheFull, out of memory, a bug: the step is lost, as with a dead actor
                 log.warning("local step %d failed", step.step_id, exc_info=exc)
                 raise ExecutorFailure(f"the step failed: {type(exc).__name__}: {exc}") from exc
@@ -109,6 +111,7 @@ class LocalExecutor(Executor):
 
     def recover(self) -> None:
         self.cache = self._new_cache()
+        self.histories = Histories()
         self.recoveries += 1
 
     def topology(self) -> list[ActorInfo]:

@@ -38,6 +38,9 @@ class ChunkPlan:
     params: SamplingParams  # temperature / top_p drive sampling on the replica
     seed: int  # resolved seed: sampling depends only on (seed, index), so retries reproduce it
     index: int  # how many tokens the sequence has generated so far (the sampling counter)
+    # (prompt, output so far) with a penalized sequence's first chunk after each admission: the
+    # replica's penalty history starts from it (logits.Histories), after a failure too
+    history: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from cluster.step import run_replica_step
 from cluster.telemetry import ReplicaStats
 from cluster.transport import Endpoint
 from model_shards.kv_cache import KVCache
+from model_shards.logits import Histories
 from model_shards.model import GptOssModel
 from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare
 
@@ -36,6 +37,7 @@ class AttentionReplica:
 
     def reset(self) -> None:
         kv, cfg = self.spec.kv, self.model.config
+        self.histories = Histories()  # penalty histories of the sequences in the cache
         self.kv = KVCache(cfg, kv.num_blocks, kv.block_size, kv.sliding_blocks(cfg.sliding_window), self.model.dtype,
                           self.device)
 
@@ -59,7 +61,7 @@ class AttentionReplica:
                                    f"expected {step.step_id} layer {layer}")
             return reply.y.to(self.device)
 
-        sampled = run_replica_step(self.model, self.kv, step, moe)
+        sampled = run_replica_step(self.model, self.kv, step, moe, self.histories)
         return StepResult(step.step_id, self.index, sampled, time.perf_counter() - start - waited, waited,
                           self.kv.usage())
 

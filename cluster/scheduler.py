@@ -46,6 +46,7 @@ class Seq:
     cached: int = 0  # tokens of prompt + out whose KV the replica holds (computed, or from the prefix cache)
     hit: int = 0  # tokens that came from the prefix cache at its last admission
     attempts: int = 0  # executor failures it lived through
+    history_sent: bool = False  # its replica has its penalty history (since its last admission)
 
     @property
     def lifetime(self) -> int:
@@ -149,7 +150,7 @@ class Scheduler:
             self.replicas[r].admit(seq.seq_id, seq.hashes, hit, seq.lifetime)
             self.prefix_queries += seq.known
             self.prefix_hits += hit
-            seq.replica, seq.cached, seq.hit = r, hit, hit
+            seq.replica, seq.cached, seq.hit, seq.history_sent = r, hit, hit, False
             self.running.append(self.waiting.pop(i))
 
     # -- steps -----------------------------------------------------------------------------------
@@ -170,8 +171,11 @@ class Scheduler:
             budget -= n
             assert seq.replica is not None
             blocks = self.replicas[seq.replica].plan(seq.seq_id, seq.cached, seq.cached + n)
+            history = None
+            if seq.params.penalized and not seq.history_sent:
+                history, seq.history_sent = (tuple(seq.prompt), tuple(seq.out)), True
             plan = ChunkPlan(seq.seq_id, seq.cached, seq.tokens(seq.cached, n), blocks, seq.cached + n == seq.known,
-                             seq.params, seq.seed, len(seq.out))
+                             seq.params, seq.seed, len(seq.out), history)
             plans.setdefault(seq.replica, []).append(plan)
             chunks.setdefault(seq.replica, []).append((seq, n))
         step_id = next(self._step_ids)

@@ -79,6 +79,10 @@ class SamplingFields(Strict):
     seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="extension (vLLM): 1 is none")
+    top_k: int = Field(default=0, ge=-1, le=INT64, description="extension (vLLM): 0 or -1 is all")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="extension (vLLM)")
+    min_tokens: int = Field(default=0, ge=0, le=INT64, description="extension (vLLM): no stop before this many")
     logit_bias: LogitBias | None = None
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = Field(default=False, description="extension: keep generating past stop tokens")
@@ -87,6 +91,12 @@ class SamplingFields(Strict):
         """What the schema cannot say: combinations of fields (InvalidRequest names the field)."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+
+    def controls(self) -> dict[str, float | int]:
+        """The sampling controls beyond temperature and top_p, as SamplingParams names them."""
+        return {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "repetition_penalty": self.repetition_penalty, "top_k": max(self.top_k, 0), "min_p": self.min_p,
+                "min_tokens": self.min_tokens}
 
 
 # -- chat ------------------------------------------------------------------------------------------

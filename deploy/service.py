@@ -52,24 +52,23 @@ class ApiService:
         return max(1, min(self.settings.default_max_tokens, self.max_model_len - prompt_tokens))
 
     @staticmethod
-    def check_unsupported(presence_penalty: float, frequency_penalty: float) -> None:
-        if presence_penalty or frequency_penalty:
-            param = "presence_penalty" if presence_penalty else "frequency_penalty"
-            raise APIError(400, f"{param} is not supported by this server; leave it at 0", param=param,
-                           code="unsupported_parameter")
-
-    @staticmethod
     def new_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
 
     @staticmethod
     def sampling(max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None,
                  stops: tuple[int, ...], logprobs: bool = False, top_logprobs: int = 0,
-                 bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
-        """Log-probs are computed only when the client asks for them (a pass over the vocabulary)."""
+                 bias: tuple[tuple[int, float], ...] = (), controls: dict[str, float | int] | None = None
+                 ) -> SamplingParams:
+        """Log-probs are computed only when the client asks for them (a pass over the vocabulary).
+        `controls`: penalties, top_k, min_p, min_tokens (SamplingFields.controls)."""
+        controls = controls or {}
+        if int(controls.get("min_tokens", 0)) > max_tokens:
+            raise InvalidRequest(f"min_tokens ({controls['min_tokens']}) is more than max_tokens ({max_tokens})",
+                                 "min_tokens")
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                               top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=stops,
-                              top_logprobs=top_logprobs, logit_bias=bias, logprobs=logprobs)
+                              top_logprobs=top_logprobs, logit_bias=bias, logprobs=logprobs, **controls)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
               names: dict[str, str] | None = None, leader: str | None = None) -> Generation:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from model_shards.logits import History, add_bias, forbid, keep_min_p, keep_top_k, penalize
+
 GREEDY_BELOW = 1e-5  # temperatures under this mean argmax
 EXP_FLOOR = -87.0  # exp(-87) is about fp32's smallest normal number
 MAX_TOP_LOGPROBS = 20
@@ -29,6 +31,12 @@ class SamplingParams:
     top_logprobs: int = 0  # also report this many most likely tokens per position (0..20)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before choosing
     logprobs: bool = True  # compute each chosen token's log-prob (a full pass over the vocabulary per row)
+    presence_penalty: float = 0.0  # [-2, 2] (logits.py says how each one applies)
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # (0, 2]; 1: none
+    top_k: int = 0  # choose among the k most likely tokens only (0: all)
+    min_p: float = 0.0  # [0, 1]: drop tokens less likely than min_p times the most likely one
+    min_tokens: int = 0  # no stop token before this many generated tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -41,10 +49,26 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if self.top_k < 0 or not 0.0 <= self.min_p <= 1.0 or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("top_k must be >= 0, min_p in [0, 1] and min_tokens in [0, max_tokens]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the sequence's history (logits.Histories)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits change before the choice (then a copy of the row is processed)."""
+        return bool(self.logit_bias or self.penalized or self.min_tokens)
 
 
 def new_seed() -> int:
@@ -85,30 +109,42 @@ def log_normalizer(logits: torch.Tensor, top: torch.Tensor | None = None, inplac
     return top + shifted.clamp_(min=EXP_FLOOR).exp_().sum(dim=-1).log()
 
 
-def _probabilities(row: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[V] logits -> [V] softmax(row / temperature) = exp(x - logsumexp), with log_normalizer's clamp."""
-    scaled = row / temperature
-    return (scaled - log_normalizer(scaled[None])[0]).clamp_(min=EXP_FLOOR).exp_()
+def _probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """[V] logits -> [V] the distribution a non-greedy choice draws from: top-k, temperature, min-p,
+    top-p. softmax = exp(x - logsumexp), with log_normalizer's clamp."""
+    scaled = keep_top_k(row, p.top_k) / p.temperature
+    probs = (scaled - log_normalizer(scaled[None])[0]).clamp_(min=EXP_FLOOR).exp_()
+    return top_p_filter(keep_min_p(probs, p.min_p).cpu(), p.top_p)
 
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-           steps: Sequence[int], consume: bool = False) -> list[Choice]:
+           steps: Sequence[int], consume: bool = False,
+           histories: Sequence[History | None] | None = None) -> list[Choice]:
     """logits [S, V] fp32 -> one choice per row; row i uses params[i], and the draw is fixed by
     (seeds[i], steps[i]). Greedy rows need no per-row work; the results reach the host in one copy
-    (two with top_logprobs). `consume`: `logits` may be overwritten (saves a copy of it)."""
+    (two with top_logprobs). `consume`: `logits` may be overwritten (saves a copy of it).
+    `histories[i]`: what row i's penalties need (logits.py); each chosen token is added to it."""
     logits = logits.to(torch.float32)
     biased = logits
-    if any(p.logit_bias for p in params):
+    if any(p.processed for p in params):
         biased = logits.clone()
         for row, p in enumerate(params):
-            for token, bias in p.logit_bias:
-                biased[row, token] += bias
+            add_bias(biased[row], p.logit_bias)  # bias, then penalties (vLLM's order)
+            history = histories[row] if histories is not None else None
+            if history is not None and p.penalized:
+                penalize(biased[row], history, p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+            if steps[row] < p.min_tokens:
+                forbid(biased[row], p.stop_token_ids)
     best, tokens = biased.max(dim=-1)  # [S] greedy choices
     for row, p in enumerate(params):
         if not p.greedy:
-            probs = top_p_filter(_probabilities(biased[row], p.temperature).cpu(), p.top_p)  # [V]
+            probs = _probabilities(biased[row], p)  # [V]
             tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
+    if histories is not None:
+        for history, token in zip(histories, tokens.tolist()):
+            if history is not None:
+                history.add(token)
     if not any(p.logprobs or p.top_logprobs for p in params):  # nothing to normalize: the choices are all
         return [Choice(token, None, []) for token in tokens.tolist()]
     chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # [S] raw logits of the choices

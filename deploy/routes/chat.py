@@ -39,7 +39,6 @@ class Prepared:
 def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     service.check_model(req.model)
     req.check()
-    service.check_unsupported(req.presence_penalty, req.frequency_penalty)
     if req.response_format is not None and req.response_format.type != "text":
         if req.response_format.type == "json_schema" and not req.response_format.json_schema:
             raise bad_request("response_format json_schema needs a `json_schema`", "response_format")
@@ -57,7 +56,7 @@ def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     stops = () if req.ignore_eos else CHAT_STOP_TOKENS
     params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs,
                               req.top_logprobs or 0 if req.logprobs else 0,
-                              parse_logit_bias(req.logit_bias, service.vocab_size))
+                              parse_logit_bias(req.logit_bias, service.vocab_size), req.controls())
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return Prepared(prompt_ids, params, stop_strings, req.logprobs)
 

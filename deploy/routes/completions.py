@@ -99,7 +99,6 @@ async def completions(req: CompletionRequest,
                       service: ApiService = Depends(get_service)) -> Completion | StreamingResponse:
     service.check_model(req.model)
     req.check()
-    service.check_unsupported(req.presence_penalty, req.frequency_penalty)
     if req.echo:
         raise bad_request("echo is not supported", "echo", "unsupported_parameter")
     if req.suffix:
@@ -107,7 +106,7 @@ async def completions(req: CompletionRequest,
     prompts = prompt_ids(req.prompt)
     stops = () if req.ignore_eos else TEXT_STOP_TOKENS
     params = service.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs is not None,
-                              req.logprobs or 0, parse_logit_bias(req.logit_bias, service.vocab_size))
+                              req.logprobs or 0, parse_logit_bias(req.logit_bias, service.vocab_size), req.controls())
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = service.new_id("cmpl")
     runs = service.start_choices(prompts, params, request_id, req.n)

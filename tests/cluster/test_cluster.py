@@ -55,6 +55,19 @@ def test_cluster_matches_local_engine(cluster: Engine, reference: list[Completio
     assert_same(reference, cluster.generate(prompts(), GREEDY, timeout=120))
 
 
+def test_penalties_and_filters_on_the_cluster(cluster: Engine, tiny_hf: Path) -> None:
+    params = [SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=2.0, logit_bias=((42, 40.0),)),
+              SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.8, min_tokens=4),
+              SamplingParams(max_tokens=16, temperature=1.2, seed=5, top_k=20, min_p=0.05)]
+    local = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32"), KV))
+    try:
+        expected = local.generate(prompts()[:3], params)
+    finally:
+        local.shutdown()
+    assert [o.token_ids for o in cluster.generate(prompts()[:3], params, timeout=120)] == \
+        [o.token_ids for o in expected]
+
+
 def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -> None:
     topology = cluster.executor.topology()
     roles = [a.role for a in topology]

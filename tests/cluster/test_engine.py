@@ -258,3 +258,15 @@ def test_requests_with_room_to_run_never_count_as_waiting(local: LocalExecutor) 
     eng = engine(local, max_waiting=4, max_num_seqs=16)
     handles = [eng.submit(prompts(8, seed=i)[0], SamplingParams(max_tokens=4, temperature=0.0)) for i in range(16)]
     assert [len(h.result(timeout=60).token_ids) for h in handles] == [4] * 16  # none refused: all had a slot
+
+
+def test_penalty_histories_survive_failures(local: LocalExecutor) -> None:
+    """A failure empties the replica, penalty histories included: they are rebuilt from the prompt and
+    the output the engine sends again, so the continuation is unchanged."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, frequency_penalty=2.0, logit_bias=((42, 40.0),))
+    ps = prompts(20, 9)
+    reference = engine(local).generate(ps, params)
+    assert all(o.token_ids.count(42) >= 2 and o.token_ids != [42] * 24 for o in reference)  # the penalty acts
+    flaky = engine(FlakyExecutor(local, fail_at={4, 9}))
+    assert [o.token_ids for o in flaky.generate(ps, params, timeout=60)] == [o.token_ids for o in reference]
+    assert len(flaky.failures) == 2

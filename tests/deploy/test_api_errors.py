@@ -117,7 +117,7 @@ def test_v10_sampling_parameters_out_of_range(client: TestClient, field: str, va
 
 
 def test_v10_unsupported_values_are_refused_not_ignored(client: TestClient) -> None:
-    assert_error(complete(client, presence_penalty=0.5), 400, "presence_penalty", "not supported")
+    assert_error(complete(client, suffix="tail"), 400, "suffix", "not supported")  # (penalties are supported now)
     assert_error(complete(client, echo=True), 400, "echo", "not supported")
 
 

@@ -67,3 +67,36 @@ def test_top_p_below_float32_resolution_keeps_the_most_likely_token() -> None:
     probs = torch.softmax(torch.tensor([1.0, 3.0, 2.0]), dim=-1)
     kept = top_p_filter(probs, 5e-324)  # a valid top_p (> 0) that rounds to 0 in float32
     assert kept.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_penalties_follow_openai_and_vllm() -> None:
+    from model_shards.logits import History
+
+    logits = torch.tensor([[4.0, 3.5, 3.0, -1.0, 0.0]])
+    history = History(prompt=[3], out=[0, 0, 1])  # token 0 twice, token 1 once; token 3 only in the prompt
+    greedy = SamplingParams(temperature=0.0, top_logprobs=5)
+
+    def choose(row: list[float] | None = None, **penalties: float) -> int:
+        params = SamplingParams(temperature=0.0, **penalties)
+        values = logits if row is None else torch.tensor([row])
+        return sample(values, [params], [0], [3], histories=[History([3], [0, 0, 1])])[0].token
+
+    assert choose() == 0
+    assert choose(presence_penalty=0.6) == 0  # once per token: 4 - 0.6 = 3.4 still leads
+    assert choose(frequency_penalty=0.6) == 2  # per occurrence: 4 - 1.2 = 2.8, 3.5 - 0.6 = 2.9 < 3.0
+    assert choose(presence_penalty=1.5) == 2  # 2.5, 2.0 < 3.0
+    assert choose(repetition_penalty=2.0) == 2  # 4 / 2 = 2, 3.5 / 2 = 1.75 < 3.0
+    assert choose([0.0, 0.0, 0.0, 5.0, 4.0], repetition_penalty=2.0) == 4  # the prompt's token 3 counts too
+    choice = sample(logits, [greedy], [0], [3], histories=[history])[0]
+    assert choice.token == 0 and history.counts[0] == 3  # the chosen token joins the history
+    assert choice.logprob == pytest.approx(torch.log_softmax(logits, -1)[0, 0].item())  # unmodified log-probs
+
+
+def test_min_tokens_top_k_and_min_p() -> None:
+    logits = torch.tensor([[5.0, 1.0, 0.0]])
+    stop = SamplingParams(temperature=0.0, stop_token_ids=(0,), min_tokens=2, max_tokens=4)
+    assert sample(logits, [stop], [0], [1])[0].token == 1  # the stop token waits for min_tokens
+    assert sample(logits, [stop], [0], [2])[0].token == 0
+    for params in (SamplingParams(temperature=2.0, top_k=1), SamplingParams(temperature=2.0, min_p=0.9)):
+        assert {sample(logits, [params], [seed], [0])[0].token for seed in range(20)} == {0}
+    assert len({sample(logits, [SamplingParams(temperature=5.0)], [seed], [0])[0].token for seed in range(40)}) > 1
