@@ -66,7 +66,28 @@ def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tu
     return tuple(pairs)
 
 
-class SamplingFields(Strict):
+class SamplingControls(Strict):
+    """Sampling controls beyond temperature and top_p, on every generating route (on /v1/responses as
+    vLLM's extensions)."""
+
+    seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="extension (vLLM): 1 is none")
+    top_k: int = Field(default=0, ge=-1, le=INT64, description="extension (vLLM): 0 or -1 is all")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="extension (vLLM)")
+    min_tokens: int = Field(default=0, ge=0, le=INT64, description="extension (vLLM): no stop before this many")
+    logit_bias: LogitBias | None = None
+    ignore_eos: bool = Field(default=False, description="extension: keep generating past stop tokens")
+
+    def controls(self) -> dict[str, float | int]:
+        """The sampling controls beyond temperature and top_p, as SamplingParams names them."""
+        return {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "repetition_penalty": self.repetition_penalty, "top_k": max(self.top_k, 0), "min_p": self.min_p,
+                "min_tokens": self.min_tokens}
+
+
+class SamplingFields(SamplingControls):
     """Fields shared by chat and completions."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -76,27 +97,12 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="extension (vLLM): 1 is none")
-    top_k: int = Field(default=0, ge=-1, le=INT64, description="extension (vLLM): 0 or -1 is all")
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="extension (vLLM)")
-    min_tokens: int = Field(default=0, ge=0, le=INT64, description="extension (vLLM): no stop before this many")
-    logit_bias: LogitBias | None = None
     user: str | None = Field(default=None, max_length=256)
-    ignore_eos: bool = Field(default=False, description="extension: keep generating past stop tokens")
 
     def check(self) -> None:
         """What the schema cannot say: combinations of fields (InvalidRequest names the field)."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
-
-    def controls(self) -> dict[str, float | int]:
-        """The sampling controls beyond temperature and top_p, as SamplingParams names them."""
-        return {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "repetition_penalty": self.repetition_penalty, "top_k": max(self.top_k, 0), "min_p": self.min_p,
-                "min_tokens": self.min_tokens}
 
 
 # -- chat ------------------------------------------------------------------------------------------
@@ -223,7 +229,21 @@ class Reasoning(Strict):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponsesRequest(Strict):
+class ResponsesTool(Strict):
+    """A function tool as the Responses API writes it (flat: no `function` wrapper)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def as_chat_tool(self) -> dict[str, Any]:
+        return Tool(type="function", function=FunctionDefinition(
+            name=self.name, description=self.description, parameters=self.parameters)).model_dump(exclude_none=True)
+
+
+class ResponsesRequest(SamplingControls):
     model: str = Field(min_length=1, max_length=256)
     input: str | Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     instructions: str | None = None
@@ -231,10 +251,26 @@ class ResponsesRequest(Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     reasoning: Reasoning | None = None
-    stream: bool = Field(default=False, description="streaming is not supported on this route yet")
+    tools: list[ResponsesTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    stream: bool = False
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = Field(default=None, max_length=256)
+
+    def check(self) -> None:
+        if self.tool_choice == "auto" and not self.tools:
+            raise InvalidRequest("tool_choice needs tools: none were given", "tool_choice")
+        for i, tool in enumerate(self.tools or []):
+            if tool.parameters is not None:
+                check_json_schema(tool.parameters, f"tools[{i}].parameters")
+
+    def chat_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the harmony renderer takes them; None when there are none or tool_choice is none."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.as_chat_tool() for t in self.tools]
 
 
 # -- responses out ---------------------------------------------------------------------------------
@@ -467,7 +503,8 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None = None
     output: list[OutputItem]
     parallel_tool_calls: bool = False
-    tools: list[str] = Field(default_factory=list)
+    tool_choice: str = "auto"
+    tools: list[ResponsesTool] = Field(default_factory=list)
     reasoning: ReasoningSettings
     temperature: float
     top_p: float

@@ -1,6 +1,7 @@
 """Server-sent events, written once for every streaming route: each chunk a pydantic model as
 `data: {json}`, an error after the stream started as an in-band error event (the status line already
-said 200), and `data: [DONE]` at the end."""
+said 200), and `data: [DONE]` at the end. The Responses API's stream instead names each event
+(`event: response.output_text.delta`) by its `type`, and has no [DONE]."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def event(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
 
+def named_event(chunk: BaseModel) -> str:
+    return f"event: {getattr(chunk, 'type')}\n{event(chunk)}"
+
+
 def error_event(exc: BaseException) -> str:
     return f"data: {json.dumps(to_api_error(exc).body())}\n\n"
 
@@ -34,5 +39,11 @@ async def _frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     yield DONE
 
 
-def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
-    return StreamingResponse(_frames(chunks), media_type=MEDIA_TYPE)
+async def _named_frames(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    async for chunk in chunks:  # errors are the route's own events here
+        yield named_event(chunk)
+
+
+def sse_response(chunks: AsyncIterator[BaseModel], named: bool = False) -> StreamingResponse:
+    """`named`: the Responses API's stream (events named by their `type`, no [DONE])."""
+    return StreamingResponse(_named_frames(chunks) if named else _frames(chunks), media_type=MEDIA_TYPE)

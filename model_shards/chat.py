@@ -20,7 +20,7 @@ from typing import Any
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyError, Message, ReasoningEffort, Role,
                             StreamableParser, SystemContent, ToolDescription)
 
-from model_shards.tokenizer import decode, harmony, tokenizer
+from model_shards.tokenizer import CHAT_STOP_TOKENS, decode, harmony, tokenizer
 
 REASONING_EFFORTS = ("low", "medium", "high")
 
@@ -175,14 +175,20 @@ class CompletionParser:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id: int) -> list[Delta]:
-        self._all.append(token_id)
+        stop = token_id in CHAT_STOP_TOKENS  # ends the answer; never shown as text, even when not harmony
+        if not stop:
+            self._all.append(token_id)
         if not self._broken:
             try:
                 self._parser.process(token_id)
             except HarmonyError:
+                if stop:
+                    return []
                 self._broken.append(token_id)
                 return [Delta("content", self._decoder.decode(tokenizer().decode_single_token_bytes(token_id)))]
             return self._delta()
+        if stop:
+            return []
         self._broken.append(token_id)
         return [Delta("content", self._decoder.decode(tokenizer().decode_single_token_bytes(token_id)))]
 

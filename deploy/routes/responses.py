@@ -1,18 +1,23 @@
-"""POST /v1/responses (which Ray Serve LLM lacks): non-streaming text, with the chain of thought as
-reasoning items, the answer as an output_text message and tool calls as function_call items.
-Responses are not stored, so `previous_response_id` and streaming are refused with a clear 400."""
+"""POST /v1/responses (which Ray Serve LLM lacks): the chain of thought as reasoning items, the answer
+as an output_text message and tool calls as function_call items, whole or as the SDK's event stream
+(deploy/response_events.py builds both from the same deltas). Responses are not stored, so
+`previous_response_id` is refused."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from fastapi import APIRouter, Depends
+from typing import AsyncIterator
 
-from deploy.errors import bad_request
-from deploy.protocol import (ERROR_RESPONSES, FunctionCallItem, IncompleteDetails, InputTokensDetails, OutputItem, OutputMessage,
-                             OutputText, OutputTokensDetails, ReasoningItem, ReasoningSettings, ReasoningText,
-                             ResponseObject, ResponsesRequest, ResponseUsage)
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from deploy.errors import bad_request, to_api_error
+from deploy.generation import Generation
+from deploy.protocol import (ERROR_RESPONSES, IncompleteDetails, InputTokensDetails, OutputTokensDetails,
+                             ReasoningSettings, ResponseObject, ResponsesRequest, ResponseUsage, parse_logit_bias)
+from deploy.response_events import ResponseBuilder, StreamEvent
 from deploy.service import ApiService, get_service
+from deploy.sse import STREAM_RESPONSE, sse_response
 from model_shards.chat import ChatFormatError, CompletionParser, render_chat
 from model_shards.tokenizer import CHAT_STOP_TOKENS
 
@@ -33,44 +38,76 @@ def _messages(req: ResponsesRequest) -> list[dict[str, str]]:
     return messages
 
 
-@router.post("/v1/responses", response_model=ResponseObject, responses=ERROR_RESPONSES)
-async def responses(req: ResponsesRequest, service: ApiService = Depends(get_service)) -> ResponseObject:
+class ResponseRun:
+    """One response: the engine's run, the parser, and the builder of items and events."""
+
+    def __init__(self, run: Generation, builder: ResponseBuilder) -> None:
+        self.run = run
+        self.builder = builder
+        self.parser = CompletionParser()
+        self.reasoning_tokens = 0  # tokens that wrote reasoning
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Every event from `response.created` to `response.completed` (or `.incomplete`)."""
+        for e in self.builder.start():
+            yield e
+        async with self.run:
+            async for event in self.run:
+                assert event.token is not None
+                deltas = self.parser.feed(event.token)
+                self.reasoning_tokens += any(d.kind == "reasoning" for d in deltas)
+                for e in self.builder.feed(deltas):
+                    yield e
+        for e in self.builder.feed(self.parser.finish()):
+            yield e
+        for e in self.builder.finish(self._final()):
+            yield e
+
+    def _final(self) -> ResponseObject:
+        run = self.run
+        complete = run.finish_reason == "stop"
+        usage = ResponseUsage(input_tokens=run.prompt_tokens,
+                              input_tokens_details=InputTokensDetails(cached_tokens=run.cached_tokens),
+                              output_tokens=run.generated,
+                              output_tokens_details=OutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
+                              total_tokens=run.prompt_tokens + run.generated)
+        return self.builder.response.model_copy(update={
+            "status": "completed" if complete else "incomplete", "usage": usage,
+            "incomplete_details": None if complete else IncompleteDetails(reason="max_output_tokens")})
+
+    async def streamed(self) -> AsyncIterator[StreamEvent]:
+        """The events; a failure after the stream started ends it with an `error` event."""
+        try:
+            async for e in self.events():
+                yield e
+        except Exception as exc:
+            error = to_api_error(exc).body()["error"]
+            yield self.builder.error(error["message"] or "", error["code"], error["param"])
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses={**ERROR_RESPONSES, **STREAM_RESPONSE})
+async def responses(req: ResponsesRequest,
+                    service: ApiService = Depends(get_service)) -> ResponseObject | StreamingResponse:
     service.check_model(req.model)
-    if req.stream:
-        raise bad_request("streaming is not supported on /v1/responses yet; use stream: false or "
-                          "/v1/chat/completions", "stream", "unsupported_parameter")
+    req.check()
     effort = req.reasoning.effort if req.reasoning and req.reasoning.effort else "medium"
     try:
-        prompt_ids = render_chat(_messages(req), reasoning_effort=effort)
+        prompt_ids = render_chat(_messages(req), reasoning_effort=effort, tools=req.chat_tools())
     except ChatFormatError as exc:  # the chat route's field is `messages`; this one's is `input`
         raise bad_request(str(exc), "input") from None
     max_tokens = req.max_output_tokens or service.default_max_tokens(len(prompt_ids))
-    params = service.sampling(max_tokens, req.temperature, req.top_p, None, CHAT_STOP_TOKENS)
-    response_id = f"resp_{uuid.uuid4().hex}"
-    parser, reasoning_tokens = CompletionParser(), 0
-    async with service.start(prompt_ids, params, response_id, PARAM_NAMES) as run:
-        async for event in run:
-            assert event.token is not None
-            deltas = parser.feed(event.token)
-            reasoning_tokens += any(d.kind == "reasoning" for d in deltas)  # tokens that wrote reasoning
-    parsed = parser.result()
-    output: list[OutputItem] = []
-    if parsed.reasoning:
-        output.append(ReasoningItem(id=f"rs_{uuid.uuid4().hex}", content=[ReasoningText(text=parsed.reasoning)]))
-    for call in parsed.tool_calls:
-        output.append(FunctionCallItem(id=f"fc_{uuid.uuid4().hex}", call_id=call.id, name=call.name,
-                                       arguments=call.arguments))
-    if parsed.content or not output:
-        output.append(OutputMessage(id=f"msg_{uuid.uuid4().hex}", content=[OutputText(text=parsed.content)]))
-    complete = run.finish_reason == "stop"
-    return ResponseObject(
-        id=response_id, created_at=int(time.time()), model=req.model,
-        status="completed" if complete else "incomplete",
-        incomplete_details=None if complete else IncompleteDetails(reason="max_output_tokens"),
-        instructions=req.instructions, max_output_tokens=req.max_output_tokens, output=output,
-        reasoning=ReasoningSettings(effort=effort), temperature=params.temperature, top_p=params.top_p,
-        usage=ResponseUsage(input_tokens=run.prompt_tokens,
-                            input_tokens_details=InputTokensDetails(cached_tokens=run.cached_tokens),
-                            output_tokens=run.generated,
-                            output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning_tokens),
-                            total_tokens=run.prompt_tokens + run.generated))
+    params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, () if req.ignore_eos else CHAT_STOP_TOKENS,
+                              bias=parse_logit_bias(req.logit_bias, service.vocab_size), controls=req.controls())
+    response_id = service.new_id("resp").replace("-", "_")
+    run = service.start(prompt_ids, params, response_id, PARAM_NAMES)
+    pending = ResponseObject(
+        id=response_id, created_at=int(time.time()), model=req.model, status="in_progress",
+        instructions=req.instructions, max_output_tokens=req.max_output_tokens, output=[],
+        tool_choice=req.tool_choice or "auto", tools=req.tools or [], reasoning=ReasoningSettings(effort=effort),
+        temperature=params.temperature, top_p=params.top_p)
+    response = ResponseRun(run, ResponseBuilder(pending))
+    if req.stream:
+        return sse_response(response.streamed(), named=True)
+    async for _ in response.events():
+        pass
+    return response.builder.response
