@@ -25,6 +25,7 @@ from cluster.executor import Executor, ExecutorFailure
 from cluster.messages import StepResult
 from cluster.scheduler import Schedule, Scheduler, Seq
 from cluster.telemetry import EngineLoad
+from model_shards.grammar import Constraint, GrammarError
 from model_shards.requests import Completion, InvalidRequest, validate_request
 from model_shards.sampling import SamplingParams, new_seed
 
@@ -84,6 +85,12 @@ class Engine:
         (another choice of the same prompt); this one is admitted once the leader's prompt is cached,
         to share it."""
         validate_request(prompt_ids, params, self.model_config, self.max_model_len)
+        constraint = None
+        if params.grammar is not None:  # compiled here, outside the lock
+            try:
+                constraint = Constraint(params.grammar)
+            except GrammarError as exc:
+                raise InvalidRequest(f"the structured-output grammar does not compile: {exc}", "grammar") from None
         with self._lock:
             if self._draining or self._stopped:
                 raise EngineUnavailable("the server is shutting down")
@@ -96,7 +103,8 @@ class Engine:
             handle = RequestHandle(request_id, list(prompt_ids), sink)
             seed = params.seed if params.seed is not None else new_seed()
             lead = self._by_request.get(leader) if leader is not None else None
-            seq = Seq(seq_id, handle, list(prompt_ids), params, seed, RequestTimes(time.monotonic()), leader=lead)
+            seq = Seq(seq_id, handle, list(prompt_ids), params, seed, RequestTimes(time.monotonic()), leader=lead,
+                      constraint=constraint)
             self.scheduler.waiting.append(seq)
             self.scheduler.admit()  # what the next step would run is not waiting: only the rest counts
             if seq in self.scheduler.waiting and len(self.scheduler.waiting) > self.config.max_waiting:

@@ -41,6 +41,8 @@ class ChunkPlan:
     # (prompt, output so far) with a penalized sequence's first chunk after each admission: the
     # replica's penalty history starts from it (logits.Histories), after a failure too
     history: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    # a constrained sequence's sampling chunk: the tokens it may choose ([W] int32 bit words, grammar.py)
+    mask: torch.Tensor | None = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ The engine thread owns the scheduler: every call happens under the engine's lock
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from cluster.config import EngineConfig, KVSpec
 from cluster.events import RequestHandle, RequestTimes
 from cluster.kv_manager import ReplicaKV
 from cluster.messages import ChunkPlan, ReplicaStep
+from model_shards.grammar import Constraint
 from model_shards.sampling import SamplingParams
 
 
@@ -47,6 +49,17 @@ class Seq:
     hit: int = 0  # tokens that came from the prefix cache at its last admission
     attempts: int = 0  # executor failures it lived through
     history_sent: bool = False  # its replica has its penalty history (since its last admission)
+    # structured output: the grammar's state, advanced with `out` (so a failure of the replicas loses
+    # nothing); each sampling chunk carries its mask, and the replicas get params without the grammar
+    constraint: Constraint | None = None
+    sent_params: SamplingParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.grammar is not None:
+            self.constraint = self.constraint or Constraint(self.params.grammar, self.out)
+            self.sent_params = dataclasses.replace(self.params, grammar=None)
+        else:
+            self.sent_params = self.params
 
     @property
     def lifetime(self) -> int:
@@ -174,8 +187,13 @@ class Scheduler:
             history = None
             if seq.params.penalized and not seq.history_sent:
                 history, seq.history_sent = (tuple(seq.prompt), tuple(seq.out)), True
-            plan = ChunkPlan(seq.seq_id, seq.cached, seq.tokens(seq.cached, n), blocks, seq.cached + n == seq.known,
-                             seq.params, seq.seed, len(seq.out), history)
+            sample = seq.cached + n == seq.known
+            mask = None
+            if sample and seq.constraint is not None:
+                mask = seq.constraint.mask(seq.params.stop_token_ids, len(seq.out) >= seq.params.min_tokens)
+            assert seq.sent_params is not None
+            plan = ChunkPlan(seq.seq_id, seq.cached, seq.tokens(seq.cached, n), blocks, sample, seq.sent_params,
+                             seq.seed, len(seq.out), history, mask)
             plans.setdefault(seq.replica, []).append(plan)
             chunks.setdefault(seq.replica, []).append((seq, n))
         step_id = next(self._step_ids)
@@ -195,6 +213,8 @@ class Scheduler:
     def appended(self, seq: Seq, token: int) -> None:
         """A generated token: once it completes a block, that block gets its hash."""
         seq.out.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         if seq.hashes is None:
             return
         done, bs = len(seq.hashes) * self.kv.block_size, self.kv.block_size

@@ -38,5 +38,6 @@ def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: Mo
         return []
     chunks = [step.chunks[i] for i in rows]
     choices = sample(logits, [c.params for c in chunks], [c.seed for c in chunks], [c.index for c in chunks],
-                     consume=True, histories=[histories.get(c.seq_id) for c in chunks])
+                     consume=True, histories=[histories.get(c.seq_id) for c in chunks],
+                     masks=[c.mask for c in chunks])
     return [Sampled(c.seq_id, x.token, x.logprob, x.top) for c, x in zip(chunks, choices)]

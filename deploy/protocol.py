@@ -73,7 +73,8 @@ class SamplingControls(Strict):
     seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="extension (vLLM): 1 is none")
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=2.0,
+                                      description="extension (vLLM): 1 is none; from 0.01 (a smaller one overflows fp32)")
     top_k: int = Field(default=0, ge=-1, le=INT64, description="extension (vLLM): 0 or -1 is all")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="extension (vLLM)")
     min_tokens: int = Field(default=0, ge=0, le=INT64, description="extension (vLLM): no stop before this many")
@@ -154,9 +155,31 @@ class NamedToolChoice(Strict):
     function: NamedFunction
 
 
+class JsonSchemaFormat(Strict):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    name: str = Field(default="response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=8192)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's extension: exactly one of these constrains the output (JSON is always compact here)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1, max_length=16384)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1, max_length=1024)
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536, description="Lark, or GBNF")
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
 
 
 def check_json_schema(schema: dict[str, Any], param: str) -> None:
@@ -178,6 +201,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(default=None, description="extension (vLLM)")
     metadata: dict[str, str] | None = None
 
     def check(self) -> None:
@@ -208,6 +232,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: str | None = None
+    response_format: ResponseFormat | None = Field(default=None, description="extension (vLLM)")
+    structured_outputs: StructuredOutputs | None = Field(default=None, description="extension (vLLM)")
     return_token_ids: bool = Field(default=False, description="extension: add prompt_token_ids and token_ids")
 
 
@@ -227,6 +253,27 @@ class InputMessage(Strict):
 class Reasoning(Strict):
     effort: Literal["low", "medium", "high"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class TextFormat(Strict):
+    """The Responses API's `text.format` (flat: name and schema beside the type)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = Field(default="response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=8192)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    def as_response_format(self) -> ResponseFormat:
+        return ResponseFormat(type=self.type, json_schema=JsonSchemaFormat(
+            name=self.name, description=self.description, json_schema=self.json_schema, strict=self.strict)
+            if self.type == "json_schema" else None)
+
+
+class TextSettings(Strict):
+    format: TextFormat | None = None
 
 
 class ResponsesTool(Strict):
@@ -254,6 +301,8 @@ class ResponsesRequest(SamplingControls):
     tools: list[ResponsesTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
+    text: TextSettings | None = None
+    structured_outputs: StructuredOutputs | None = Field(default=None, description="extension (vLLM)")
     stream: bool = False
     store: bool | None = None
     metadata: dict[str, str] | None = None

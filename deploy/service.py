@@ -58,17 +58,19 @@ class ApiService:
     @staticmethod
     def sampling(max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None,
                  stops: tuple[int, ...], logprobs: bool = False, top_logprobs: int = 0,
-                 bias: tuple[tuple[int, float], ...] = (), controls: dict[str, float | int] | None = None
-                 ) -> SamplingParams:
+                 bias: tuple[tuple[int, float], ...] = (), controls: dict[str, float | int] | None = None,
+                 grammar: str | None = None) -> SamplingParams:
         """Log-probs are computed only when the client asks for them (a pass over the vocabulary).
-        `controls`: penalties, top_k, min_p, min_tokens (SamplingFields.controls)."""
+        `controls`: penalties, top_k, min_p, min_tokens (SamplingControls.controls); `grammar`: a
+        structured output's (deploy/structured.py)."""
         controls = controls or {}
         if int(controls.get("min_tokens", 0)) > max_tokens:
             raise InvalidRequest(f"min_tokens ({controls['min_tokens']}) is more than max_tokens ({max_tokens})",
                                  "min_tokens")
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                               top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=stops,
-                              top_logprobs=top_logprobs, logit_bias=bias, logprobs=logprobs, **controls)
+                              top_logprobs=top_logprobs, logit_bias=bias, logprobs=logprobs, grammar=grammar,
+                              **controls)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
               names: dict[str, str] | None = None, leader: str | None = None) -> Generation:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from model_shards.grammar import apply_mask
 from model_shards.logits import History, add_bias, forbid, keep_min_p, keep_top_k, penalize
 
 GREEDY_BELOW = 1e-5  # temperatures under this mean argmax
@@ -33,10 +34,13 @@ class SamplingParams:
     logprobs: bool = True  # compute each chosen token's log-prob (a full pass over the vocabulary per row)
     presence_penalty: float = 0.0  # [-2, 2] (logits.py says how each one applies)
     frequency_penalty: float = 0.0  # [-2, 2]
-    repetition_penalty: float = 1.0  # (0, 2]; 1: none
+    repetition_penalty: float = 1.0  # [0.01, 2]; 1: none (logits are divided by it: smaller overflow fp32)
     top_k: int = 0  # choose among the k most likely tokens only (0: all)
     min_p: float = 0.0  # [0, 1]: drop tokens less likely than min_p times the most likely one
     min_tokens: int = 0  # no stop token before this many generated tokens
+    # structured output: an llguidance grammar's text (grammar.py); the engine keeps its state and
+    # sends each step's token mask, so the replicas never see the grammar itself
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -51,8 +55,8 @@ class SamplingParams:
             raise ValueError("logit_bias values must be in [-100, 100]")
         if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not 0.01 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in [0.01, 2], got {self.repetition_penalty!r}")
         if self.top_k < 0 or not 0.0 <= self.min_p <= 1.0 or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("top_k must be >= 0, min_p in [0, 1] and min_tokens in [0, max_tokens]")
 
@@ -120,27 +124,37 @@ def _probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 @torch.inference_mode()
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
            steps: Sequence[int], consume: bool = False,
-           histories: Sequence[History | None] | None = None) -> list[Choice]:
+           histories: Sequence[History | None] | None = None,
+           masks: Sequence[torch.Tensor | None] | None = None) -> list[Choice]:
     """logits [S, V] fp32 -> one choice per row; row i uses params[i], and the draw is fixed by
     (seeds[i], steps[i]). Greedy rows need no per-row work; the results reach the host in one copy
     (two with top_logprobs). `consume`: `logits` may be overwritten (saves a copy of it).
-    `histories[i]`: what row i's penalties need (logits.py); each chosen token is added to it."""
+    `histories[i]`: what row i's penalties need (logits.py); each chosen token is added to it.
+    `masks[i]`: row i's structured-output mask ([W] int32 bit words, grammar.py), which already
+    keeps stop tokens out before min_tokens."""
     logits = logits.to(torch.float32)
     biased = logits
-    if any(p.processed for p in params):
+    masks = masks if masks is not None else [None] * len(params)
+    if any(p.processed for p in params) or any(m is not None for m in masks):
         biased = logits.clone()
         for row, p in enumerate(params):
-            add_bias(biased[row], p.logit_bias)  # bias, then penalties (vLLM's order)
+            add_bias(biased[row], p.logit_bias)  # bias, then penalties (vLLM's order), then the grammar
             history = histories[row] if histories is not None else None
             if history is not None and p.penalized:
                 penalize(biased[row], history, p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
-            if steps[row] < p.min_tokens:
+            mask = masks[row]
+            if mask is not None:
+                apply_mask(biased[row], mask)
+            elif steps[row] < p.min_tokens:
                 forbid(biased[row], p.stop_token_ids)
     best, tokens = biased.max(dim=-1)  # [S] greedy choices
     for row, p in enumerate(params):
         if not p.greedy:
             probs = _probabilities(biased[row], p)  # [V]
-            tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
+            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0.0:
+                tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
+            # else: no distribution is left to draw from (nothing finite): the row keeps its greedy choice
+            # rather than failing the step of every sequence in the batch
     if histories is not None:
         for history, token in zip(histories, tokens.tolist()):
             if history is not None:

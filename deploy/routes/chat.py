@@ -19,6 +19,7 @@ from deploy.protocol import (ERROR_RESPONSES, AssistantMessage, ChatChoice, Chat
                              parse_logit_bias)
 from deploy.service import ApiService, get_service
 from deploy.sse import STREAM_RESPONSE, sse_response
+from deploy.structured import answer_grammar
 from deploy.text import StopFilter, token_bytes, token_text
 from model_shards.chat import CompletionParser, Delta, render_chat
 from model_shards.sampling import SamplingParams
@@ -39,11 +40,6 @@ class Prepared:
 def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     service.check_model(req.model)
     req.check()
-    if req.response_format is not None and req.response_format.type != "text":
-        if req.response_format.type == "json_schema" and not req.response_format.json_schema:
-            raise bad_request("response_format json_schema needs a `json_schema`", "response_format")
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported; only 'text'",
-                          "response_format", "unsupported_parameter")
     if req.tool_choice not in (None, "auto", "none"):
         raise bad_request("tool_choice can be 'auto' or 'none' here (forcing a call is not supported)", "tool_choice",
                           "unsupported_parameter")
@@ -56,7 +52,8 @@ def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     stops = () if req.ignore_eos else CHAT_STOP_TOKENS
     params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs,
                               req.top_logprobs or 0 if req.logprobs else 0,
-                              parse_logit_bias(req.logit_bias, service.vocab_size), req.controls())
+                              parse_logit_bias(req.logit_bias, service.vocab_size), req.controls(),
+                              answer_grammar(req.response_format, req.structured_outputs, chat=True))
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return Prepared(prompt_ids, params, stop_strings, req.logprobs)
 

@@ -17,6 +17,7 @@ from deploy.protocol import (ERROR_RESPONSES, Completion, CompletionChoice, Comp
                              CompletionLogprobs, CompletionRequest, parse_logit_bias)
 from deploy.service import ApiService, get_service
 from deploy.sse import STREAM_RESPONSE, sse_response
+from deploy.structured import answer_grammar
 from deploy.text import Detokenizer, StopFilter, token_text
 from model_shards.tokenizer import TEXT_STOP_TOKENS, encode
 
@@ -40,6 +41,7 @@ class ChoiceState:
     prompt: list[int]
     stops: StopFilter
     want_logprobs: bool
+    stop_ids: tuple[int, ...] = ()  # the stop tokens that end it: not part of its text (as vLLM shows it)
     detok: Detokenizer = field(default_factory=Detokenizer)
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -61,6 +63,8 @@ class ChoiceState:
                 top.setdefault(token_text(event.token), float(event.logprob or 0.0))
             self.top.append(top)
         self.tokens.append(event.token)
+        if event.token in self.stop_ids:
+            return ""
         visible = self.stops.push(self.detok.push(event.token))
         self.text.append(visible)
         return visible
@@ -106,11 +110,12 @@ async def completions(req: CompletionRequest,
     prompts = prompt_ids(req.prompt)
     stops = () if req.ignore_eos else TEXT_STOP_TOKENS
     params = service.sampling(req.max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs is not None,
-                              req.logprobs or 0, parse_logit_bias(req.logit_bias, service.vocab_size), req.controls())
+                              req.logprobs or 0, parse_logit_bias(req.logit_bias, service.vocab_size), req.controls(),
+                              answer_grammar(req.response_format, req.structured_outputs, chat=False))
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     request_id = service.new_id("cmpl")
     runs = service.start_choices(prompts, params, request_id, req.n)
-    states = [ChoiceState(i, prompts[i // req.n], StopFilter(stop_strings), req.logprobs is not None)
+    states = [ChoiceState(i, prompts[i // req.n], StopFilter(stop_strings), req.logprobs is not None, stops)
               for i in range(len(runs))]
     leaders = runs[::req.n]  # one run per prompt: usage counts each prompt once
     if req.stream:

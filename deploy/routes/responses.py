@@ -18,6 +18,7 @@ from deploy.protocol import (ERROR_RESPONSES, IncompleteDetails, InputTokensDeta
 from deploy.response_events import ResponseBuilder, StreamEvent
 from deploy.service import ApiService, get_service
 from deploy.sse import STREAM_RESPONSE, sse_response
+from deploy.structured import answer_grammar
 from model_shards.chat import ChatFormatError, CompletionParser, render_chat
 from model_shards.tokenizer import CHAT_STOP_TOKENS
 
@@ -96,8 +97,11 @@ async def responses(req: ResponsesRequest,
     except ChatFormatError as exc:  # the chat route's field is `messages`; this one's is `input`
         raise bad_request(str(exc), "input") from None
     max_tokens = req.max_output_tokens or service.default_max_tokens(len(prompt_ids))
-    params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, () if req.ignore_eos else CHAT_STOP_TOKENS,
-                              bias=parse_logit_bias(req.logit_bias, service.vocab_size), controls=req.controls())
+    fmt = req.text.format.as_response_format() if req.text and req.text.format else None
+    params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed,
+                              () if req.ignore_eos else CHAT_STOP_TOKENS,
+                              bias=parse_logit_bias(req.logit_bias, service.vocab_size), controls=req.controls(),
+                              grammar=answer_grammar(fmt, req.structured_outputs, chat=True, format_param="text.format"))
     response_id = service.new_id("resp").replace("-", "_")
     run = service.start(prompt_ids, params, response_id, PARAM_NAMES)
     pending = ResponseObject(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 from cluster.config import ClusterConfig, KVSpec, ModelSource, expert_bounds
 from cluster.engine import Engine
 from cluster.executor import LocalExecutor
+from model_shards import grammar
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams
+from model_shards.tokenizer import decode
 
 KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
 LENGTHS = (3, 17, 40, 130, 200, 9, 64, 5)  # 8 prompts, some longer than the sliding window
@@ -55,17 +58,20 @@ def test_cluster_matches_local_engine(cluster: Engine, reference: list[Completio
     assert_same(reference, cluster.generate(prompts(), GREEDY, timeout=120))
 
 
-def test_penalties_and_filters_on_the_cluster(cluster: Engine, tiny_hf: Path) -> None:
+def test_penalties_filters_and_grammars_on_the_cluster(cluster: Engine, tiny_hf: Path, vocab: Path) -> None:
     params = [SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=2.0, logit_bias=((42, 40.0),)),
               SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.8, min_tokens=4),
-              SamplingParams(max_tokens=16, temperature=1.2, seed=5, top_k=20, min_p=0.05)]
+              SamplingParams(max_tokens=16, temperature=1.2, seed=5, top_k=20, min_p=0.05),
+              SamplingParams(max_tokens=16, temperature=1.0, seed=2, stop_token_ids=(200002,),
+                             grammar=grammar.regex(r"[a-z]{3,6}-\d{2}"))]  # a mask from the engine, per step
     local = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32"), KV))
     try:
-        expected = local.generate(prompts()[:3], params)
+        expected = local.generate(prompts()[:4], params)
     finally:
         local.shutdown()
-    assert [o.token_ids for o in cluster.generate(prompts()[:3], params, timeout=120)] == \
+    assert [o.token_ids for o in cluster.generate(prompts()[:4], params, timeout=120)] == \
         [o.token_ids for o in expected]
+    assert re.fullmatch(r"[a-z]{3,6}-\d{2}", decode(expected[3].token_ids[:-1]))
 
 
 def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -> None:

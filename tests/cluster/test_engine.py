@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+import jsonschema
 
 import pytest
 import torch
@@ -14,9 +17,11 @@ from cluster.events import EngineOverloaded, EngineUnavailable
 from cluster.executor import Executor, ExecutorFailure, LocalExecutor
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
 from cluster.telemetry import ExecutorStats
+from model_shards import grammar
 from model_shards.kv_cache import KVCache, KVCacheFull
 from model_shards.requests import InvalidRequest
 from model_shards.sampling import SamplingParams
+from model_shards.tokenizer import decode
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
@@ -270,3 +275,24 @@ def test_penalty_histories_survive_failures(local: LocalExecutor) -> None:
     flaky = engine(FlakyExecutor(local, fail_at={4, 9}))
     assert [o.token_ids for o in flaky.generate(ps, params, timeout=60)] == [o.token_ids for o in reference]
     assert len(flaky.failures) == 2
+
+
+def test_structured_output_under_failures(local: LocalExecutor, vocab: Path) -> None:
+    """A random model under a JSON schema writes JSON that validates; the grammar's state lives in the
+    engine beside the tokens, so failures of the executor change nothing."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 100}},
+              "required": ["ok", "color", "n"], "additionalProperties": False}
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3, stop_token_ids=(200002,),
+                            grammar=grammar.json_schema(schema))
+    ps = prompts(12, 30)
+    reference = engine(local).generate(ps, params)
+    for out in reference:
+        assert out.finish_reason == "stop" and out.token_ids[-1] == 200002
+        value = json.loads(decode(out.token_ids[:-1]))
+        jsonschema.validate(value, schema)
+    flaky = engine(FlakyExecutor(local, fail_at={3, 7}))
+    assert [o.token_ids for o in flaky.generate(ps, params, timeout=60)] == [o.token_ids for o in reference]
+    assert len(flaky.failures) == 2
+    with pytest.raises(InvalidRequest, match="grammar"):
+        engine(local).submit(ps[0], SamplingParams(grammar='{"grammars": [{"lark_grammar": "start: foo"}]}'))

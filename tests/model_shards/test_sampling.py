@@ -100,3 +100,13 @@ def test_min_tokens_top_k_and_min_p() -> None:
     for params in (SamplingParams(temperature=2.0, top_k=1), SamplingParams(temperature=2.0, min_p=0.9)):
         assert {sample(logits, [params], [seed], [0])[0].token for seed in range(20)} == {0}
     assert len({sample(logits, [SamplingParams(temperature=5.0)], [seed], [0])[0].token for seed in range(40)}) > 1
+
+
+def test_a_row_with_nothing_to_draw_from_keeps_its_greedy_choice() -> None:
+    """One request's degenerate distribution must not fail the step of the whole batch."""
+    logits = torch.randn(2, 64)
+    logits[0] = float("-inf")
+    logits[0, 5] = float("inf")  # softmax of it is nan
+    params = [SamplingParams(temperature=0.7, seed=1, logprobs=False)] * 2
+    choices = sample(logits, params, [1, 1], [0, 0])
+    assert choices[0].token == 5 and 0 <= choices[1].token < 64
