@@ -66,7 +66,7 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
         results = ex.execute(_chunk_steps(seqs, prompts, 0, step_id, kv))
         prefill = time.perf_counter() - start
         last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
-        times, waits = [], []
+        times, waits, shard_s = [], [], []
 
         def decode(i: int) -> None:
             nonlocal step_id, last
@@ -74,12 +74,14 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
             start = time.perf_counter()
             results = ex.execute(_chunk_steps(seqs, last, input_len + i, step_id, kv))
             times.append(time.perf_counter() - start)
-            waits.append(min(r.moe_wait_s for r in results.values()))  # the least-skewed replica
+            least = min(results.values(), key=lambda r: r.moe_wait_s)  # the least-skewed replica
+            waits.append(least.moe_wait_s)
+            shard_s.append(least.shard_s)
             last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
 
         for i in range(warmup):
             decode(i)
-        del times[:], waits[:]
+        del times[:], waits[:], shard_s[:]
         before = ex.stats().router
         for i in range(warmup, warmup + steps):
             decode(i)
@@ -93,7 +95,7 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
             # median wait per step (scheduling hiccups on a busy machine skew a mean), against the
             # mean compute of the router and of the slowest shard
             routing = (after.route_s - before.route_s) / layers
-            shard = (after.shard_max_s - before.shard_max_s) / layers
+            shard = statistics.fmean(shard_s) / cfg.num_hidden_layers
             wait = statistics.median(waits) / cfg.num_hidden_layers
             row.moe_wait_us_per_layer = wait * 1e6
             row.data_plane_us_per_layer = (wait - routing - shard) * 1e6

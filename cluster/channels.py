@@ -5,11 +5,29 @@ development machine (median of 300; see README "Data plane"): for a 1 x 2880 fp3
 with a FIFO wake-up 12 us, TCP loopback 40 us, gloo send/recv 181 us, a Ray actor call ~2 ms.
 
 Shared-memory ring: one writer, one reader, a file in /dev/shm holding two monotonic byte counters
-(written, read) and `capacity` bytes of data. The reader creates it; the writer removes its name
-(and the FIFOs') once it has opened them, so a killed process leaves nothing behind. Messages of any size stream through it with flow
-control. Each side sleeps in select() on a FIFO and the other side writes one byte into it after
-moving a counter: a wake-up can be early or repeated but never lost, because the byte stays in the
-FIFO until read. Counters are 8-byte aligned stores made after the data copy (x86 keeps store order).
+(written, read), a "writer waiting" flag and `capacity` bytes of data. The reader creates it; the
+writer removes its name (and the FIFOs') once it has opened them, so a killed process leaves nothing
+behind. Messages of any size stream through it with flow control. Each side sleeps in select() on a
+FIFO and the other side writes one byte into it: a wake-up can be early or repeated but never lost,
+because the byte stays in the FIFO until read. The reader is woken when the writer has filled the
+ring or ended a message. The writer only sleeps on a full ring, after raising the flag; a reader that
+has freed space and finds the flag raised lowers it and wakes the writer, so no wake-up waits for the
+end of a wait slice.
+
+Memory ordering the ring relies on, and where it holds: x86-64 only.
+- The data copy comes before the counter store (both plain stores; counters are 8-byte aligned, so
+  each store is atomic). x86 never reorders a store with an earlier store, or a load with an earlier
+  load, so a side that sees a counter move also sees the bytes it covers (glibc's large copies use
+  weakly ordered non-temporal stores, but end them with an sfence).
+- The flag/counter exchange is Dekker's pattern: the writer stores the flag then loads the read
+  counter; the reader stores the read counter then loads the flag. Even x86 (TSO) lets a load pass an
+  earlier store still in the store buffer, so both sides put a full fence between their store and
+  their load (`_full_fence`); then at least one of them sees the other's store: the writer sees the
+  room, or the reader sees the flag and wakes it.
+On ARM (e.g. GH200's Grace CPU) plain stores and loads may be reordered with each other: the counter
+stores would need release semantics, the counter loads acquire semantics, and the fence a `dmb ish`.
+This Python code provides none of that (numpy stores are plain stores), so as written the ring is
+correct on x86-64 only; do not run it on ARM without porting those three points.
 
 All waits are cut into short slices so that a `stop` event or a deadline ends them: a dead peer
 never leaves a reader blocked forever.
@@ -29,7 +47,9 @@ import numpy as np
 
 SHM_DIR = "/dev/shm"
 WAIT_SLICE_S = 0.05
-_HEADER = 64  # counters live in the first cache line
+_HEADER = 64  # the header (uint64s: written, read, writer waiting) lives in the first cache line
+_WRITTEN, _READ, _WRITER_WAITING = range(3)
+_FENCE = threading.Lock()
 
 
 class StreamTimeout(TimeoutError):
@@ -50,6 +70,17 @@ def _check(deadline: float | None, stop: threading.Event) -> float:
     if left <= 0:
         raise StreamTimeout("timed out")
     return min(WAIT_SLICE_S, left)
+
+
+def _full_fence() -> None:
+    """A full memory barrier (store-load included) for the ring's Dekker exchange, on x86-64.
+
+    Python has no fence instruction, but on x86 any locked read-modify-write instruction is one, and
+    acquiring and releasing an uncontended `threading.Lock` does at least one (a `lock cmpxchg` in
+    glibc's semaphore or CPython's mutex): about 100 ns, 175 ns measured with the Python call. Nothing
+    else ever holds _FENCE, so it never blocks. This is no barrier on ARM (see the module docstring)."""
+    with _FENCE:
+        pass
 
 
 class ByteStream(ABC):
@@ -96,7 +127,7 @@ class ShmRing(ByteStream):
             os.close(fd)
         self.capacity = size - _HEADER
         self._view = memoryview(self._mm)
-        self._counters = np.frombuffer(self._mm, dtype=np.uint64, count=2)  # [written, read]
+        self._counters = np.frombuffer(self._mm, dtype=np.uint64, count=3)  # [written, read, writer waiting]
         # O_RDWR keeps a FIFO open without a peer; O_NONBLOCK lets a full FIFO (a reader with many
         # wake-ups pending) drop the extra byte instead of blocking.
         self._data_fd = os.open(self.path + ".data", os.O_RDWR | os.O_NONBLOCK)
@@ -108,7 +139,7 @@ class ShmRing(ByteStream):
             self._unlink()
 
     def ready(self) -> bool:
-        return int(self._counters[0]) != int(self._counters[1])
+        return int(self._counters[_WRITTEN]) != int(self._counters[_READ])
 
     def wait_fd(self) -> int:
         return self._data_fd
@@ -139,16 +170,18 @@ class ShmRing(ByteStream):
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         done, total, cap = 0, len(data), self.capacity
         while done < total:
-            written, read = int(self._counters[0]), int(self._counters[1])
+            written, read = int(self._counters[_WRITTEN]), int(self._counters[_READ])
             room = cap - (written - read)
             if room == 0:
+                if self._room_after_raising_flag(read):
+                    continue
                 self._notify(self._data_fd)  # the reader may be asleep on what is already there
                 self._wait(self._space_fd, deadline, stop)
                 continue
             pos = written % cap
             n = min(room, total - done, cap - pos)
             self._view[_HEADER + pos:_HEADER + pos + n] = data[done:done + n]
-            self._counters[0] = written + n
+            self._counters[_WRITTEN] = written + n
             done += n
         if last:
             self._notify(self._data_fd)
@@ -157,7 +190,7 @@ class ShmRing(ByteStream):
         view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         done, total, cap = 0, len(view), self.capacity
         while done < total:
-            written, read = int(self._counters[0]), int(self._counters[1])
+            written, read = int(self._counters[_WRITTEN]), int(self._counters[_READ])
             ready = written - read
             if ready == 0:
                 self._wait(self._data_fd, deadline, stop)
@@ -165,10 +198,23 @@ class ShmRing(ByteStream):
             pos = read % cap
             n = min(ready, total - done, cap - pos)
             view[done:done + n] = self._view[_HEADER + pos:_HEADER + pos + n]
-            self._counters[1] = read + n
-            if ready == cap:  # the writer only ever sleeps on a full ring
-                self._notify(self._space_fd)
+            self._counters[_READ] = read + n
+            _full_fence()  # the counter store must be visible before the flag is loaded (Dekker)
+            if self._counters[_WRITER_WAITING]:
+                self._counters[_WRITER_WAITING] = 0
+                self._notify(self._space_fd)  # lowered, then woken: a flag is never lowered silently
             done += n
+
+    def _room_after_raising_flag(self, read: int) -> bool:
+        """Called by the writer on a full ring: raise the flag, then look again. True when the reader
+        had freed space meanwhile (the flag is lowered again and the writer goes on); False when the
+        writer may sleep: any reader that frees space from now on sees the flag and wakes it."""
+        self._counters[_WRITER_WAITING] = 1
+        _full_fence()  # the flag store must be visible before the read counter is loaded (Dekker)
+        if int(self._counters[_READ]) == read:
+            return False
+        self._counters[_WRITER_WAITING] = 0  # a wake-up the reader may still send is only early
+        return True
 
     def close(self) -> None:
         if self._mm.closed:

@@ -13,6 +13,7 @@ actors back, empties the replicas' KV caches and builds a fresh data plane (a ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -105,7 +106,7 @@ class ClusterExecutor(Executor):
         for r in replicas:
             pairs += [(ENGINE, r), (r, ENGINE), (r, ROUTER), (ROUTER, r)]
         for s in shards:
-            pairs += [(ROUTER, s), (s, ROUTER)]
+            pairs += [(ROUTER, s)] + [(s, r) for r in replicas]  # shards answer the replicas directly
         if self.cluster.transport == "shm" and len(set(nodes.values())) > 1:
             raise ExecutorFailure("transport shm needs every actor on the engine's node; use auto or tcp")
         spec = plan_channels(f"gptoss-{self._uid}-{self._epoch}-", pairs, nodes, self.cluster.ring_mb << 20,
@@ -127,9 +128,12 @@ class ClusterExecutor(Executor):
         timeout = self.cluster.step_timeout_s
         deadline = time.monotonic() + timeout
         try:
+            steps = {r: dataclasses.replace(s, micro_batches=max(1, min(self.cluster.micro_batches, len(s.chunks))))
+                     for r, s in steps.items()}
             busy = [r for r, s in sorted(steps.items()) if s.chunks]
             if busy:
-                self.endpoint.send(ROUTER, RouterStep(steps[busy[0]].step_id, busy), timeout=timeout)
+                micro = [steps[r].micro_batches for r in busy]
+                self.endpoint.send(ROUTER, RouterStep(steps[busy[0]].step_id, busy, micro), timeout=timeout)
             for r, step in steps.items():
                 self.endpoint.send(replica_name(r), step, timeout=timeout)
             pending = {replica_name(r): r for r in steps}

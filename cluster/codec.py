@@ -1,6 +1,6 @@
 """Encoding of data-plane messages.
 
-The per-layer messages (MoeRequest, MoeResult, ShardRequest, ShardResult) hold only ints, floats and
+The per-layer messages (MoeRequest, ShardRequest, MoeRoute, ShardResult) hold only ints, floats and
 tensors; they get a fixed binary header built from their dataclass fields, because pickling them
 cost 100-300 us per message inside the actors (measured; see README "Data plane"), several times the
 channel itself. Everything else (one ReplicaStep and StepResult per step) is pickled, with its
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.messages import MoeRequest, MoeResult, ShardRequest, ShardResult
+from cluster.messages import MoeRequest, MoeRoute, ShardRequest, ShardResult
 
-FAST_TYPES = (MoeRequest, MoeResult, ShardRequest, ShardResult)
+FAST_TYPES = (MoeRequest, ShardRequest, MoeRoute, ShardResult)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool,
           torch.float64)
 _DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}

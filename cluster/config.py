@@ -102,6 +102,8 @@ class ClusterConfig:
     transport: Literal["auto", "shm", "tcp"] = option(
         "auto", "data plane: shared memory on one node, TCP between nodes (auto picks per pair)")
     ring_mb: int = option(8, "MiB per shared-memory channel (larger messages stream through it)", ge=1)
+    micro_batches: int = option(1, "groups a replica splits each step's chunks into, computing attention of one "
+                                   "while the MoE of another is away (results do not depend on it)", ge=1, le=8)
     step_timeout_s: float = option(60.0, "seconds before a step counts as hung", gt=0)
     recovery_timeout_s: float = option(300.0, "seconds that restarting and reloading actors may take", gt=0)
     max_restarts: int = option(8, "times Ray restarts each actor", ge=0)

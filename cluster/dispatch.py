@@ -1,4 +1,5 @@
-"""Which expert shard gets which routed assignments: the router's bookkeeping, as one pure function.
+"""Which expert shard gets which routed assignments, and which replica gets which answers: the
+router's bookkeeping, as pure functions.
 
 Numpy on the host: the router needs the expert ids there anyway (to count them and to size each
 shard's message), and for the few assignments of a decode step numpy's small calls cost no more
@@ -39,3 +40,40 @@ def plan_dispatch(expert_ids: np.ndarray, starts: np.ndarray) -> list[ShardAssig
         rows, token_index = np.unique(slots // k, return_inverse=True)
         out.append(ShardAssignments(shard, rows, slots, token_index, flat[slots]))
     return out
+
+
+@dataclass(frozen=True)
+class ReplicaShare:
+    """One replica's part of a unit's assignments, as the shards and the replica need it."""
+
+    replica: int  # position in the unit's replica order
+    shards: np.ndarray  # [S'] the shards holding some of its assignments, ascending
+    counts: np.ndarray  # [S'] how many each
+    slots: np.ndarray  # [N_r] replica-local t*K + k of each, grouped by shard in that order
+
+
+def owners(plan: list[ShardAssignments], sizes: list[int], k: int) -> list[np.ndarray]:
+    """Per shard of `plan`: [P] assignments of each replica (rows `sizes` each, concatenated in order).
+    A shard's assignments are token-major, so each replica's are one contiguous run of them."""
+    ends = np.cumsum(sizes) * k  # [P] slot end of each replica
+    return [np.bincount(np.searchsorted(ends, a.slots, side="right"), minlength=len(sizes)) for a in plan]
+
+
+def replica_shares(plan: list[ShardAssignments], per_shard: list[np.ndarray], sizes: list[int],
+                   k: int) -> list[ReplicaShare]:
+    """Per replica (in order): which shards answer it and where their rows go in its [T_r * K] slots.
+    `per_shard`: owners(plan, sizes, k)."""
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])) * k  # [P] first slot of each replica
+    shares = []
+    for r, start in enumerate(starts.tolist()):
+        shards, counts, slots = [], [], []
+        for a, count in zip(plan, per_shard):
+            n = int(count[r])
+            if n:
+                first = int(count[:r].sum())  # this replica's run inside the shard's assignments
+                shards.append(a.shard)
+                counts.append(n)
+                slots.append(a.slots[first:first + n] - start)
+        shares.append(ReplicaShare(r, np.array(shards, dtype=np.int64), np.array(counts, dtype=np.int64),
+                                   np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)))
+    return shares

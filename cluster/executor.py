@@ -21,7 +21,7 @@ import torch
 from cluster.config import KVSpec, ModelSource
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
 from cluster.step import run_replica_step
-from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats
+from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats, ShardStats
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
@@ -74,7 +74,6 @@ class LocalExecutor(Executor):
         self.num_replicas = 1
         self.expert_tokens = torch.zeros(self.config.num_experts, dtype=torch.long)  # summed over layers
         self.moe_time = Histogram()  # the single "shard": every expert, in this process
-        self.moe_s = 0.0
         self.recoveries = 0
         self.cache = self._new_cache()
         self.histories = Histories()  # penalty histories of the sequences in the cache
@@ -91,9 +90,7 @@ class LocalExecutor(Executor):
         start = time.perf_counter()
         w = self.model.weights
         y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens)
-        elapsed = time.perf_counter() - start
-        self.moe_time.observe(elapsed)
-        self.moe_s += elapsed
+        self.moe_time.observe(time.perf_counter() - start)
         return y
 
     def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
@@ -118,5 +115,6 @@ class LocalExecutor(Executor):
         return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts])]
 
     def stats(self) -> ExecutorStats:
-        router = RouterStats(tuple(self.expert_tokens.tolist()), (self.moe_time.snapshot(),), 0.0, self.moe_s)
-        return ExecutorStats((ReplicaStats(self.cache.usage()),), router, (), self.recoveries)
+        router = RouterStats(tuple(self.expert_tokens.tolist()), 0.0)
+        return ExecutorStats((ReplicaStats(self.cache.usage()),), router, (ShardStats(None, self.moe_time.snapshot()),),
+                             self.recoveries)

@@ -1,8 +1,8 @@
 """The raw transport hop, measured between the engine's process and actors, on the same kind of
 channel the cluster uses: bare bytes (the channel's floor), framed messages (what the data plane's
-send/recv adds: the header, the received tensor), and the bare four-hop path a layer takes
-(engine -> relay -> echo -> relay -> engine, shaped like replica -> router -> shard -> router ->
-replica, with no compute anywhere): the floor under one layer's data plane."""
+send/recv adds: the header, the received tensor), and the bare three-hop path a layer takes
+(engine -> relay -> echo -> engine, shaped like replica -> router -> shard -> replica, with no
+compute anywhere): the floor under one layer's data plane."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ RELAY = "relay"
 
 
 class EchoPeer:
-    """Sends back whatever it receives; as the relay, passes it on to the echo and back first."""
+    """Sends back whatever it receives, or passes it on (`forward_bytes`)."""
 
     def __init__(self, name: str = ECHO) -> None:
         self.name = name
@@ -47,14 +47,13 @@ class EchoPeer:
             self.endpoint.recv_bytes_into(peer, buf)
             self.endpoint.send_bytes(peer, buf)
 
-    def relay_bytes(self, nbytes: int, count: int) -> None:
+    def forward_bytes(self, nbytes: int, count: int, src: str, dst: str) -> None:
+        """Receive from `src`, send on to `dst`: one hop of the layer path."""
         assert self.endpoint is not None
         buf = memoryview(bytearray(nbytes))
         for _ in range(count):
-            self.endpoint.recv_bytes_into(ENGINE, buf)
-            self.endpoint.send_bytes(ECHO, buf)
-            self.endpoint.recv_bytes_into(ECHO, buf)
-            self.endpoint.send_bytes(ENGINE, buf)
+            self.endpoint.recv_bytes_into(src, buf)
+            self.endpoint.send_bytes(dst, buf)
 
     def echo_messages(self, count: int) -> None:
         assert self.endpoint is not None
@@ -75,7 +74,7 @@ class HopRow:
     payload_bytes: int
     raw_us: float  # one-way, bare bytes (median round trip / 2)
     framed_us: float  # one-way, a MoeRequest through send/recv
-    layer_path_us: float  # bare bytes through the four hops of a layer, end to end
+    layer_path_us: float  # bare bytes through the three hops of a layer, end to end
 
 
 def _median_us(samples: list[float], per: int = 1) -> float:
@@ -88,7 +87,7 @@ def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: i
     nodes = {ENGINE: ray.get_runtime_context().get_node_id(),
              **{name: ray.get(p.node.remote()) for name, p in peers.items()}}
     prefix = f"gptoss-hop-{uuid.uuid4().hex[:8]}-"
-    pairs = [(ENGINE, ECHO), (ECHO, ENGINE), (ENGINE, RELAY), (RELAY, ENGINE), (RELAY, ECHO), (ECHO, RELAY)]
+    pairs = [(ENGINE, ECHO), (ECHO, ENGINE), (ENGINE, RELAY), (RELAY, ECHO)]
     plane = plan_channels(prefix, pairs, nodes, 8 << 20, force_tcp=transport == "tcp")
     endpoint = Endpoint(ENGINE, host=ray.util.get_node_ip_address())
     echo, relay = peers[ECHO], peers[RELAY]
@@ -105,12 +104,12 @@ def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: i
             view = memoryview(payload.numpy()).cast("B")
             back = memoryview(bytearray(len(view)))
 
-            def timed(target: str) -> list[float]:
+            def timed(target: str, source: str) -> list[float]:
                 samples = []
                 for _ in range(count):
                     start = time.perf_counter()
                     endpoint.send_bytes(target, view)
-                    endpoint.recv_bytes_into(target, back)
+                    endpoint.recv_bytes_into(source, back)
                     samples.append(time.perf_counter() - start)
                 return samples
 
@@ -119,17 +118,17 @@ def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: i
             raw, framed, path = [], [], []
             for _ in range(rounds):
                 running = echo.echo_bytes.remote(len(view), count)
-                raw.append(_median_us(timed(ECHO), 2))
+                raw.append(_median_us(timed(ECHO, ECHO), 2))
                 ray.get(running)
-                running = [relay.relay_bytes.remote(len(view), count),
-                           echo.echo_bytes.remote(len(view), count, RELAY)]
-                path.append(_median_us(timed(RELAY)))
+                running = [relay.forward_bytes.remote(len(view), count, ENGINE, ECHO),
+                           echo.forward_bytes.remote(len(view), count, RELAY, ENGINE)]
+                path.append(_median_us(timed(RELAY, ECHO)))
                 ray.get(running)
                 running = echo.echo_messages.remote(count)
                 samples = []
                 for _ in range(count):
                     start = time.perf_counter()
-                    endpoint.send(ECHO, MoeRequest(0, 0, payload))
+                    endpoint.send(ECHO, MoeRequest(0, 0, 0, payload))
                     endpoint.recv(ECHO)
                     samples.append(time.perf_counter() - start)
                 framed.append(_median_us(samples, 2))

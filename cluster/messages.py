@@ -4,16 +4,25 @@ One step, written down once (the roles in replica.py, router.py and shard.py fol
 
     engine  -> router      RouterStep      which replicas have tokens this step, in the order it reads them
     engine  -> replica r   ReplicaStep     per busy replica (also a replica with only KV to release)
-    for layer in 0 .. L-1:
+    for layer in 0 .. L-1, for micro-batch m in 0 .. (replica r's count) - 1:
         replica r -> router       MoeRequest    normed hidden rows [T_r, H]
-        router    -> shard s      ShardRequest  the distinct rows shard s needs, its assignments and gates
-        shard s   -> router       ShardResult   gate-weighted expert outputs per assignment
-        router    -> replica r    MoeResult     the MoE block's output for replica r's rows
+        router    -> shard s      ShardRequest  the distinct rows shard s needs, its assignments and gates,
+                                                and how many of them belong to each replica
+        router    -> replica r    MoeRoute      which shards will answer r, and where their rows go
+        shard s   -> replica r    ShardResult   gate-weighted expert outputs of r's assignments
     replica r -> engine    StepResult      sampled tokens (a replica with no tokens answers at once)
 
-The router reads the replicas in RouterStep order and the shards' results in shard order, so sums
-never depend on timing. Tensors inside these dataclasses travel as raw bytes after the header
-(codec.py); there is no stop message: a loop ends when its endpoint is stopped (StreamClosed).
+Three hops in series per layer (replica -> router -> shard -> replica); the MoeRoute travels while the
+shards compute. The router reads the replicas in RouterStep order; a replica reads the shards that
+answer it in shard order and combines each token's K outputs in (token, k) order, so sums never
+depend on timing and are the local engine's.
+
+Micro-batches (ReplicaStep.micro_batches): a replica sends its groups' MoeRequests layer by layer,
+group by group ((0, 0), (0, 1), (1, 0), ...), computing one group's attention while another's MoE is
+away; the router takes the units (layer, m) in that same order, each gathering the m-th group of
+every replica that has one, so every channel carries its messages in one agreed order. Tensors inside these dataclasses travel as raw bytes
+after the header (codec.py); there is no stop message: a loop ends when its endpoint is stopped
+(StreamClosed).
 """
 
 from __future__ import annotations
@@ -50,6 +59,9 @@ class ReplicaStep:
     step_id: int
     release: list[int]  # sequences whose block tables the replica forgets before this step (finished, aborted)
     chunks: list[ChunkPlan]  # may be empty: then the replica only releases and answers at once
+    # the cluster's replicas split the chunks into this many groups (step.py: micro_batches) and
+    # compute attention of one while the MoE of another is away; results never depend on it
+    micro_batches: int = 1
 
 
 @dataclass
@@ -66,46 +78,56 @@ class StepResult:
     replica: int
     sampled: list[Sampled]
     compute_s: float  # time the replica spent computing (not waiting on the MoE exchange)
-    moe_wait_s: float  # time it waited for MoE results, summed over layers
+    moe_wait_s: float  # time it spent sending MoE inputs and waiting for the answers, summed over layers
     kv_usage: float  # fraction of its KV blocks in use after the step
+    shard_s: float = 0.0  # the slowest answering shard's compute, summed over layers and micro-batches
 
 
 @dataclass
 class RouterStep:
     step_id: int
     replicas: list[int]  # replicas with tokens this step, in the order the router reads them
+    micro: list[int]  # how many micro-batches each of them splits its chunks into (same order)
 
 
 @dataclass
 class MoeRequest:
     step_id: int
     layer: int
+    micro: int  # which of the replica's micro-batches
     t: torch.Tensor  # [T_r, H] the replica's normed hidden states (the MoE block's input)
-
-
-@dataclass
-class MoeResult:
-    step_id: int
-    layer: int
-    y: torch.Tensor  # [T_r, H] the MoE block's output for those rows, in the model dtype
 
 
 @dataclass
 class ShardRequest:
     step_id: int
     layer: int
+    micro: int
     x: torch.Tensor  # [R, H] the distinct token rows this shard needs
     token_index: torch.Tensor  # [N] row of x for each assignment
     expert_ids: torch.Tensor  # [N] global expert id of each assignment (inside the shard's range)
     gates: torch.Tensor  # [N] fp32 routing weight of each assignment (exact: the router computes it in the model dtype)
+    replicas: torch.Tensor  # [P] int64: the replicas these assignments belong to, in RouterStep order
+    counts: torch.Tensor  # [P] int64: how many of the N (which are token-major) belong to each
+
+
+@dataclass
+class MoeRoute:
+    step_id: int
+    layer: int
+    micro: int
+    shards: torch.Tensor  # [S'] int64: the shards that will answer this replica, ascending
+    counts: torch.Tensor  # [S'] int64: how many assignments each one answers
+    slots: torch.Tensor  # [N_r] int64: t*K + k of each (replica-local token t), grouped by shard in that order
 
 
 @dataclass
 class ShardResult:
     step_id: int
     layer: int
-    weighted: torch.Tensor  # [N, H] fp32 gate * expert output per assignment
-    compute_s: float
+    micro: int
+    weighted: torch.Tensor  # [N_rs, H] fp32 gate * expert output of one replica's assignments
+    compute_s: float  # the shard's compute for the whole layer (all replicas' rows)
 
 
 @dataclass

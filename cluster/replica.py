@@ -1,5 +1,6 @@
 """The attention replica: embedding, attention with its KV cache, norms and sampling for the
-sequences the engine gives it; the MoE block of every layer goes to the router and back."""
+sequences the engine gives it; the MoE block of every layer goes to the router, and the shards that
+compute it answer here, where each token's K outputs are combined."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import time
 import torch
 
 from cluster.config import ReplicaSpec, actor_device
-from cluster.messages import MoeRequest, MoeResult, ReplicaStep, StepResult
-from cluster.names import ENGINE, REPLICA_ROLE, ROUTER
-from cluster.step import run_replica_step
+from cluster.messages import MoeRequest, MoeRoute, ReplicaStep, ShardResult, StepResult
+from cluster.names import ENGINE, REPLICA_ROLE, ROUTER, shard_name
+from cluster.step import run_micro_batched
 from cluster.telemetry import ReplicaStats
 from cluster.transport import Endpoint
 from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
 from model_shards.model import GptOssModel
+from model_shards.moe import combine
 from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare
 
 
@@ -48,22 +50,41 @@ class AttentionReplica:
 
     def run(self, step: ReplicaStep, ep: Endpoint) -> StepResult:
         start = time.perf_counter()
-        waited = 0.0
+        waited = shard_s = 0.0
+        k = self.model.config.experts_per_token
 
-        def moe(layer: int, t: torch.Tensor) -> torch.Tensor:
+        def send(layer: int, micro: int, t: torch.Tensor) -> None:
             nonlocal waited
-            sent = time.perf_counter()
-            ep.send(ROUTER, MoeRequest(step.step_id, layer, t))
-            reply: MoeResult = ep.recv(ROUTER)
-            waited += time.perf_counter() - sent
-            if (reply.step_id, reply.layer) != (step.step_id, layer):
-                raise RuntimeError(f"router answered step {reply.step_id} layer {reply.layer}, "
-                                   f"expected {step.step_id} layer {layer}")
-            return reply.y.to(self.device)
+            began = time.perf_counter()
+            ep.send(ROUTER, MoeRequest(step.step_id, layer, micro, t))
+            waited += time.perf_counter() - began
 
-        sampled = run_replica_step(self.model, self.kv, step, moe, self.histories)
+        def recv(layer: int, micro: int) -> torch.Tensor:
+            """The shards' answers for this group's rows, combined in (token, k) order."""
+            nonlocal waited, shard_s
+            began = time.perf_counter()
+            route: MoeRoute = ep.recv(ROUTER)
+            _expect(route, step.step_id, layer, micro, "the router")
+            weighted = torch.empty(route.slots.shape[0], self.model.config.hidden_size, dtype=torch.float32)
+            offset, slowest = 0, 0.0
+            for shard, count in zip(route.shards.tolist(), route.counts.tolist()):
+                part: ShardResult = ep.recv(shard_name(shard))
+                _expect(part, step.step_id, layer, micro, f"shard {shard}")
+                weighted[route.slots[offset:offset + count]] = part.weighted
+                offset, slowest = offset + count, max(slowest, part.compute_s)
+            waited += time.perf_counter() - began
+            shard_s += slowest
+            return combine(weighted.to(self.device), k, self.model.dtype)
+
+        sampled = run_micro_batched(self.model, self.kv, step, send, recv, self.histories)
         return StepResult(step.step_id, self.index, sampled, time.perf_counter() - start - waited, waited,
-                          self.kv.usage())
+                          self.kv.usage(), shard_s)
 
     def stats(self) -> ReplicaStats:
         return ReplicaStats(self.kv.usage())
+
+
+def _expect(message: MoeRoute | ShardResult, step_id: int, layer: int, micro: int, sender: str) -> None:
+    if (message.step_id, message.layer, message.micro) != (step_id, layer, micro):
+        raise RuntimeError(f"{sender} answered step {message.step_id} layer {message.layer} micro-batch "
+                           f"{message.micro}, expected step {step_id} layer {layer} micro-batch {micro}")

@@ -1,5 +1,6 @@
-"""The router: every layer's router weights; routes each token to its top-4 experts, sends each
-expert shard the rows it needs, and combines the shards' weighted outputs in (token, k) order."""
+"""The router: every layer's router weights; routes each token to its top-4 experts and sends each
+expert shard the rows it needs, and each replica where its shards' answers go (the shards answer the
+replicas directly, which combine in (token, k) order)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import numpy as np
 import torch
 
 from cluster.config import RouterSpec, actor_device
-from cluster.dispatch import plan_dispatch
-from cluster.messages import MoeRequest, MoeResult, RouterStep, ShardRequest, ShardResult
+from cluster.dispatch import owners, plan_dispatch, replica_shares
+from cluster.messages import MoeRequest, MoeRoute, RouterStep, ShardRequest
 from cluster.names import ENGINE, ROUTER_ROLE, replica_name, shard_name
-from cluster.telemetry import Histogram, RouterStats
+from cluster.telemetry import RouterStats
 from cluster.transport import Endpoint
-from model_shards.moe import combine, route
+from model_shards.moe import route
 from model_shards.weights import load_routers, move_to, prepare
 
 
@@ -36,61 +37,59 @@ class Router:
         self._starts = np.array([a for a, _ in self.bounds])
         cfg = self.config
         self.expert_tokens = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)  # routed counts
-        self.shard_step = [Histogram() for _ in self.bounds]  # compute time per call, per shard
         self.route_s = 0.0  # see RouterStats
-        self.shard_max_s = 0.0
-        self._comm_s = 0.0  # sends and receives inside the current layer, not counted as routing
+        self._comm_s = 0.0  # sends and receives inside the current unit, not counted as routing
 
     def reset(self) -> None:
         """Routing state is per step; nothing to forget."""
 
-    def moe_layer(self, step_id: int, layer: int, t: torch.Tensor, ep: Endpoint) -> torch.Tensor:
-        """t [T, H] -> MoE output [T, H]: route, send each shard its assignments, combine."""
+    def dispatch(self, step_id: int, layer: int, micro: int, t: torch.Tensor, replicas: list[int],
+                 sizes: list[int], ep: Endpoint) -> None:
+        """t [T, H] (the rows of `replicas`, `sizes` each, concatenated) -> each shard its assignments,
+        each replica its MoeRoute. Nothing comes back here."""
         k = self.config.experts_per_token
         expert_ids, gates = route(t, self.routers[layer], k)  # [T, K]
         ids = expert_ids.cpu().numpy()  # [T, K] the host needs them to count and to size messages
         self.expert_tokens[layer] += np.bincount(ids.reshape(-1), minlength=self.config.num_experts)
         flat_gates = gates.to(torch.float32).reshape(-1).cpu().numpy()  # [T*K] exact: shards use fp32 gates
-        pending = []
-        for a in plan_dispatch(ids, self._starts):
-            rows = torch.from_numpy(a.rows).to(t.device)
-            request = ShardRequest(step_id, layer, t[rows], torch.from_numpy(a.token_index),
-                                   torch.from_numpy(a.expert_ids), torch.from_numpy(flat_gates[a.slots]))
-            sent = time.perf_counter()
-            ep.send(shard_name(a.shard), request)
-            self._comm_s += time.perf_counter() - sent
-            pending.append(a)
-        weighted = torch.empty(ids.size, t.shape[1], dtype=torch.float32, device=t.device)  # every slot is filled
-        slowest = 0.0
-        for a in pending:  # all shards compute in parallel; collect in shard order
-            s = a.shard
-            waited = time.perf_counter()
-            result: ShardResult = ep.recv(shard_name(s))
-            self._comm_s += time.perf_counter() - waited
-            slowest = max(slowest, result.compute_s)
-            if (result.step_id, result.layer) != (step_id, layer):
-                raise RuntimeError(f"shard {s} answered step {result.step_id} layer {result.layer}")
-            weighted[torch.from_numpy(a.slots).to(t.device)] = result.weighted.to(t.device)
-            self.shard_step[s].observe(result.compute_s)
-        self.shard_max_s += slowest
-        return combine(weighted, k, t.dtype)
+        plan = plan_dispatch(ids, self._starts)
+        owned, per_shard = np.array(replicas, dtype=np.int64), owners(plan, sizes, k)
+        for a, counts in zip(plan, per_shard):
+            rows, present = torch.from_numpy(a.rows).to(t.device), counts > 0
+            self._send(ep, shard_name(a.shard), ShardRequest(
+                step_id, layer, micro, t[rows], torch.from_numpy(a.token_index), torch.from_numpy(a.expert_ids),
+                torch.from_numpy(flat_gates[a.slots]), torch.from_numpy(owned[present]),
+                torch.from_numpy(counts[present])))
+        for share in replica_shares(plan, per_shard, sizes, k):
+            self._send(ep, replica_name(replicas[share.replica]), MoeRoute(
+                step_id, layer, micro, torch.from_numpy(share.shards), torch.from_numpy(share.counts),
+                torch.from_numpy(share.slots)))
+
+    def _send(self, ep: Endpoint, peer: str, message: ShardRequest | MoeRoute) -> None:
+        sent = time.perf_counter()
+        ep.send(peer, message)
+        self._comm_s += time.perf_counter() - sent
 
     def serve(self, ep: Endpoint) -> None:
         while True:
             self.run(ep.recv(ENGINE), ep)
 
     def run(self, header: RouterStep, ep: Endpoint) -> None:
+        """Units (layer, m) in the replicas' own order (messages.py): the m-th micro-batch of every
+        replica that has one."""
         for layer in range(self.config.num_hidden_layers):
-            requests: list[MoeRequest] = [ep.recv(replica_name(r)) for r in header.replicas]
-            started, self._comm_s = time.perf_counter(), 0.0
-            sizes = [q.t.shape[0] for q in requests]
-            t = torch.cat([q.t for q in requests]).to(self.device)
-            y = self.moe_layer(header.step_id, layer, t, ep)
-            parts = torch.split(y, sizes)
-            self.route_s += time.perf_counter() - started - self._comm_s
-            for r, part in zip(header.replicas, parts):
-                ep.send(replica_name(r), MoeResult(header.step_id, layer, part))
+            for micro in range(max(header.micro)):
+                replicas = [r for r, n in zip(header.replicas, header.micro) if micro < n]
+                requests: list[MoeRequest] = [ep.recv(replica_name(r)) for r in replicas]
+                started, self._comm_s = time.perf_counter(), 0.0
+                for r, q in zip(replicas, requests):
+                    if (q.step_id, q.layer, q.micro) != (header.step_id, layer, micro):
+                        raise RuntimeError(f"replica {r} sent step {q.step_id} layer {q.layer} micro-batch "
+                                           f"{q.micro}, expected step {header.step_id} layer {layer} "
+                                           f"micro-batch {micro}")
+                t = torch.cat([q.t for q in requests]).to(self.device)
+                self.dispatch(header.step_id, layer, micro, t, replicas, [q.t.shape[0] for q in requests], ep)
+                self.route_s += time.perf_counter() - started - self._comm_s
 
     def stats(self) -> RouterStats:
-        return RouterStats(tuple(self.expert_tokens.sum(0).tolist()), tuple(h.snapshot() for h in self.shard_step),
-                           self.route_s, self.shard_max_s)
+        return RouterStats(tuple(self.expert_tokens.sum(0).tolist()), self.route_s)

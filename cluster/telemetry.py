@@ -44,24 +44,23 @@ class ReplicaStats:
 @dataclass(frozen=True)
 class RouterStats:
     expert_tokens: tuple[int, ...]  # [E] tokens routed to each expert, summed over layers
-    shard_step: tuple[HistogramSnapshot, ...]  # per shard: compute time of one layer's rows
-    # Summed over layers since start: the router's own compute (routing, dispatch, combine; not its
-    # sends and receives) and the slowest shard's compute. What a replica waits for the MoE beyond
-    # these two is the data plane (the benchmark reports it).
+    # the router's own compute (routing, dispatch) summed over layers since start, not its sends and
+    # receives; what a replica waits for the MoE beyond this and the slowest shard's compute
+    # (StepResult.shard_s) is the data plane (the benchmark reports it)
     route_s: float
-    shard_max_s: float
 
 
 @dataclass(frozen=True)
 class ShardStats:
-    bytes_read: int  # checkpoint bytes this shard read to load its slice
+    bytes_read: int | None  # checkpoint bytes this shard read for its slice (None: the local executor's experts)
+    step: HistogramSnapshot  # compute time of one layer's rows (one micro-batch's)
 
 
 @dataclass(frozen=True)
 class ExecutorStats:
     replicas: tuple[ReplicaStats, ...]
     router: RouterStats
-    shards: tuple[ShardStats, ...] = ()  # empty for the local executor (one process holds every expert)
+    shards: tuple[ShardStats, ...]  # the local executor: one, every expert in its process
     recoveries: int = 0
 
 

@@ -75,7 +75,7 @@ def report(rows: list[DecodeRow], hops: list[HopRow], extra: DecodeReport) -> st
                      f"{_us(r.data_plane_us_per_layer):>20}")
     if hops:
         lines += ["", f"{'hop rows':>8} {'bytes':>10} {'raw one-way us':>15} {'framed one-way us':>18} "
-                      f"{'raw 4-hop layer path us':>24}"]
+                      f"{'raw 3-hop layer path us':>24}"]
         lines += [f"{h.rows:>8} {h.payload_bytes:>10} {h.raw_us:>15.1f} {h.framed_us:>18.1f} {h.layer_path_us:>24.1f}"
                   for h in hops]
     if extra.cluster_overhead:

@@ -51,11 +51,16 @@ def _add_engine_options(p: argparse.ArgumentParser, *, required: tuple[str, ...]
     add_options(p.add_argument_group("cluster engine"), [ClusterConfig])
 
 
+def _vocab_option(p: argparse.ArgumentParser) -> None:
+    """--vocab-dir where ModelConfig does not bring it (the top level, make-tiny, bench serve)."""
+    p.add_argument("--vocab-dir", default=argparse.SUPPRESS,
+                   help="directory holding o200k_base.tiktoken, for machines without network "
+                        "(accepted before or after the subcommand)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="Serve and run gpt-oss models.")
-    parser.add_argument("--vocab-dir", default=argparse.SUPPRESS,
-                        help="directory holding o200k_base.tiktoken, for machines without network "
-                             "(also accepted after the subcommand)")
+    _vocab_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--prompt-type", choices=["tokens", "text"], default="tokens")
     bs.add_argument("--api-key")
     bs.add_argument("--seed", type=int, default=0)
+    _vocab_option(bs)
     bs.add_argument("--shared-prefix", type=int, default=0,
                     help="tokens (or words) that every prompt starts with, before its own --input-len")
 
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layout", choices=LAYOUTS, default="hf")
     t.add_argument("--mxfp4", action=argparse.BooleanOptionalAction, default=True, help="experts in MXFP4")
     t.add_argument("--seed", type=int, default=0)
+    _vocab_option(t)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server on Ray Serve")
     _add_engine_options(s)

@@ -79,7 +79,8 @@ class EngineCollector(Collector):
         if stats is not None:
             for expert, count in enumerate(stats.router.expert_tokens):
                 experts.add_metric([self.model_name, str(expert)], float(count))
-            for shard, hist in enumerate(stats.router.shard_step):
+            for shard, shard_stats in enumerate(stats.shards):
+                hist = shard_stats.step
                 steps.add_metric([self.model_name, str(shard)], _cumulative(hist), hist.sum)
         yield experts
         yield steps

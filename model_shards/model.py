@@ -7,7 +7,7 @@ its own positions (prefill chunks and decode tokens mixed).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +57,28 @@ class GptOssModel:
                 moe: MoeFn | None = None, rows: list[int] | None = None) -> torch.Tensor:
         """token_ids [T] -> logits [R, V] fp32 for the last token of each chunk (of the chunks in
         `rows` only, when given: the unembedding is the costliest matmul of a decode step)."""
-        cfg, w = self.config, self.weights
         moe = moe or self.local_moe
+        layers = self.layers(token_ids, layout, kv, rows)
+        request = next(layers)
+        while True:
+            try:
+                request = layers.send(moe(*request))
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def layers(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
+               rows: list[int] | None = None) -> Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`forward` as a generator, for callers that interleave several batches (a replica's
+        micro-batches): yields (layer, t [T, H]) where the MoE block's input is ready, takes its output
+        [T, H] back, and returns the logits."""
+        cfg, w = self.config, self.weights
         cos, sin = self.rope.cos_sin(layout.positions, self.dtype)  # [T, d/2]
         kv_view = kv.view(layout)
         x = embed(token_ids, w.globals)  # [T, H]
         for layer in range(cfg.num_hidden_layers):
             attn = w.attention[layer]
             x = attention_block(x, attn, cfg, layer, cos, sin, kv, kv_view)
-            x = x + moe(layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
+            x = x + (yield layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
         last = layout.last_token if rows is None else layout.last_token[rows]
         return unembed(x[last], w.globals, cfg.rms_norm_eps)

@@ -30,7 +30,7 @@ vocab=(); [ -n "${VOCAB_DIR:-}" ] && vocab=(--vocab-dir "$VOCAB_DIR")
 MODEL=${1:-}
 if [ -z "$MODEL" ]; then
   MODEL=${HOME}/.cache/gptoss/small-bf16-no-mxfp4
-  [ -f "$MODEL/config.json" ] || "$GPTOSS" make-tiny "$MODEL" --preset small --no-mxfp4 >/dev/null
+  [ -f "$MODEL/config.json" ] || "$GPTOSS" make-tiny "$MODEL" --preset small --no-mxfp4 "${vocab[@]}" >/dev/null
 fi
 URL="http://127.0.0.1:$PORT/v1"
 

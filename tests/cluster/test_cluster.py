@@ -41,8 +41,10 @@ def reference(tiny_hf: Path) -> list[Completion]:
 def cluster(ray_session, tiny_hf: Path):
     from cluster.cluster_executor import ClusterExecutor
 
+    # two micro-batches per replica: its groups' attention and MoE alternate (the tcp test below runs one)
     executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"),
-                               ClusterConfig(attention_replicas=2, expert_shards=3, step_timeout_s=30), KV)
+                               ClusterConfig(attention_replicas=2, expert_shards=3, micro_batches=2,
+                                             step_timeout_s=30), KV)
     engine = Engine(executor)
     yield engine
     engine.shutdown()
@@ -155,7 +157,7 @@ def test_tcp_transport_uneven_split_and_packed_mxfp4(ray_session, tiny_hf: Path,
     from cluster.cluster_executor import ClusterExecutor
 
     config = ClusterConfig(attention_replicas=1, expert_shards=2, expert_split=(3,), transport="tcp",
-                           step_timeout_s=30)
+                           micro_batches=1, step_timeout_s=30)
     engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV, keep_mxfp4=True))
     try:
         assert [a.experts for a in engine.executor.topology() if a.role == "expert_shard"] == [[0, 3], [3, 16]]

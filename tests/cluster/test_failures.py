@@ -1,5 +1,6 @@
 """Faults while 8 requests generate: a killed expert shard, router or attention replica, and a hung
-shard. Every request completes with exactly the output of an undisturbed run."""
+shard, with two micro-batches per replica in flight. Every request completes with exactly the output
+of an undisturbed run."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def undisturbed(tiny_hf: Path) -> list[Completion]:
 def cluster(ray_session, tiny_hf: Path):
     from cluster.cluster_executor import ClusterExecutor
 
-    config = ClusterConfig(attention_replicas=2, expert_shards=3, step_timeout_s=STEP_TIMEOUT_S)
+    config = ClusterConfig(attention_replicas=2, expert_shards=3, micro_batches=2, step_timeout_s=STEP_TIMEOUT_S)
     engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV))
     yield engine
     engine.shutdown()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from cluster.channels import SHM_DIR, StreamClosed, StreamTimeout, remove_rings
-from cluster.messages import ChunkPlan, MoeRequest, MoeResult, ReplicaStep, ShardRequest, ShardResult
+import cluster
+from cluster.channels import SHM_DIR, WAIT_SLICE_S, ShmRing, StreamClosed, StreamTimeout, remove_rings
+from cluster.messages import ChunkPlan, MoeRequest, MoeRoute, ReplicaStep, ShardRequest, ShardResult
 from cluster.transport import Endpoint, plan_channels
 from model_shards.sampling import SamplingParams
 
@@ -46,12 +51,14 @@ def _same(x: object, y: object) -> None:
 
 
 MESSAGES = [
-    MoeRequest(1, 2, torch.randn(3, 5).to(torch.bfloat16)),
-    MoeRequest(1, 3, torch.zeros(0, 5)),
-    ShardRequest(4, 5, torch.randn(7, 3), torch.arange(5), torch.arange(5) + 10, torch.rand(5)),
-    ShardResult(4, 5, torch.randn(5, 3), 0.125),
+    MoeRequest(1, 2, 0, torch.randn(3, 5).to(torch.bfloat16)),
+    MoeRequest(1, 3, 1, torch.zeros(0, 5)),
+    ShardRequest(4, 5, 1, torch.randn(7, 3), torch.arange(5), torch.arange(5) + 10, torch.rand(5),
+                 torch.tensor([0, 2]), torch.tensor([3, 2])),
+    MoeRoute(4, 5, 0, torch.tensor([0, 3]), torch.tensor([2, 6]), torch.randperm(8)),
+    ShardResult(4, 5, 1, torch.randn(5, 3), 0.125),
     ReplicaStep(9, [1, 2], [ChunkPlan(3, 0, [5, 6, 7], 40, True, SamplingParams(temperature=0.5), 11, 0)]),
-    MoeRequest(2, 0, torch.randn(300, 700)),  # 840 kB through a 64 kB ring: flow control
+    MoeRequest(2, 0, 0, torch.randn(300, 700)),  # 840 kB through a 64 kB ring: flow control
 ]
 
 
@@ -68,11 +75,11 @@ def test_messages_round_trip(pair: tuple[Endpoint, Endpoint]) -> None:
 def test_tensors_that_are_not_plain_contiguous_cpu_ones(pair: tuple[Endpoint, Endpoint]) -> None:
     a, b = pair
     strided = torch.randn(5, 3).t()  # not contiguous: sent as a copy
-    a.send("b", MoeResult(1, 2, strided))
+    a.send("b", MoeRequest(1, 2, 0, strided))
     got = b.recv("a", timeout=5)
-    assert got.y.shape == (3, 5) and torch.equal(got.y, strided)
+    assert got.t.shape == (3, 5) and torch.equal(got.t, strided)
     grad = torch.randn(2, 4, requires_grad=True)
-    a.send("b", ShardResult(3, 4, grad, 0.5))
+    a.send("b", ShardResult(3, 4, 0, grad, 0.5))
     assert torch.equal(b.recv("a", timeout=5).weighted, grad.detach())
     # the pickled path carries tensors out of band too, in any dtype, empty ones included
     loose = {"bf16": torch.randn(3, 2).to(torch.bfloat16), "i32": torch.arange(7, dtype=torch.int32),
@@ -87,10 +94,10 @@ def test_tensors_that_are_not_plain_contiguous_cpu_ones(pair: tuple[Endpoint, En
 def test_wait_any_does_not_consume(pair: tuple[Endpoint, Endpoint]) -> None:
     a, b = pair
     assert b.wait_any(["a"], timeout=0.05) == []
-    a.send("b", MoeRequest(1, 1, torch.ones(2, 2)))
+    a.send("b", MoeRequest(1, 1, 0, torch.ones(2, 2)))
     assert b.wait_any(["a"], timeout=1.0) == ["a"]
     assert b.wait_any(["a"], timeout=1.0) == ["a"]
-    _same(b.recv("a", timeout=1), MoeRequest(1, 1, torch.ones(2, 2)))
+    _same(b.recv("a", timeout=1), MoeRequest(1, 1, 0, torch.ones(2, 2)))
 
 
 def test_timeout_and_stop(pair: tuple[Endpoint, Endpoint]) -> None:
@@ -116,3 +123,98 @@ def test_leftover_rings_are_removed() -> None:
     spec = plan_channels(prefix, [("x", "y")], {"x": "n", "y": "n"}, 1 << 12)
     Endpoint("y").listen(spec)  # a reader that dies without closing
     assert remove_rings(prefix) == 3  # the ring and its two wake-up FIFOs
+
+
+# A message three times the ring's size (a long prefill) makes the writer wait for room about three
+# times per direction. Each wait used to be ended by the reader only when the reader itself had seen
+# a full ring; a writer that filled the ring after that look slept out its wait slice (50 ms).
+RING_BYTES = 1 << 20
+BIG = 3 * RING_BYTES
+FRAME = 16  # written apart with last=False, as transport.py frames a message: the reader then frees
+# 16 bytes of a full ring and at once copies the rest, while the writer refills those 16 bytes
+ROUNDS = 5  # best of: a loaded 2-core machine may preempt either process in any one round trip
+
+_ECHO_PEER = """
+import os, sys, threading, time
+from cluster.channels import ShmRing
+inbound, outbound, capacity, size, rounds, cpu = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
+rx = ShmRing(inbound, capacity, create=True)
+tx = ShmRing(outbound, capacity, create=False)
+print("ready", flush=True)
+stop, frame, data = threading.Event(), memoryview(bytearray(16)), memoryview(bytearray(size))
+for _ in range(rounds):
+    deadline = time.monotonic() + 10
+    rx.readinto(frame, deadline, stop)
+    rx.readinto(data, deadline, stop)
+    tx.write(frame, deadline, stop, last=False)
+    tx.write(data, deadline, stop)
+rx.close()
+tx.close()
+"""
+
+
+def _two_cpus() -> tuple[int, int] | None:
+    """One CPU for each process, so reader and writer run truly at once, as on a many-core server.
+    Unpinned on a 2-core machine, the kernel tends to run a woken writer at once on the waker's
+    CPU, which hides a missed wake-up (the old rule missed about 1 in 10 round trips, not all)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def _start_echo_peer(prefix: str, cpu: int) -> tuple[subprocess.Popen, ShmRing, ShmRing]:
+    """A second process that sends every message back; returns it and this side's (to, from) rings."""
+    rx = ShmRing(prefix + "ba", RING_BYTES, create=True)  # each reader creates its ring
+    root = str(Path(cluster.__file__).resolve().parents[1])  # the peer runs the code under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    args = [prefix + "ab", prefix + "ba", str(RING_BYTES), str(BIG), str(ROUNDS), str(cpu)]
+    peer = subprocess.Popen([sys.executable, "-c", _ECHO_PEER, *args], stdout=subprocess.PIPE, text=True, env=env)
+    assert peer.stdout is not None and peer.stdout.readline() == "ready\n", "the echo peer did not start"
+    return peer, ShmRing(prefix + "ab", RING_BYTES, create=False), rx
+
+
+def _round_trip(tx: ShmRing, rx: ShmRing, payload: memoryview, back: memoryview) -> float:
+    stop, frame = threading.Event(), memoryview(bytearray(FRAME))
+    deadline = time.monotonic() + 10
+    start = time.perf_counter()
+    tx.write(frame, deadline, stop, last=False)
+    tx.write(payload, deadline, stop)
+    rx.readinto(frame, deadline, stop)
+    rx.readinto(back, deadline, stop)
+    return time.perf_counter() - start
+
+
+def _bare_copies(payload: memoryview, sink: memoryview) -> float:
+    """The copies a round trip makes: into the ring and out of it, each way."""
+    start = time.perf_counter()
+    for _ in range(4):
+        sink[:] = payload
+    return time.perf_counter() - start
+
+
+def test_message_larger_than_the_ring_wakes_the_writer_at_once() -> None:
+    prefix = f"gptoss-echo-{os.getpid()}-"
+    payload = memoryview(np.random.default_rng(0).integers(0, 256, BIG, dtype=np.uint8)).cast("B")
+    back, sink = memoryview(bytearray(BIG)), memoryview(bytearray(BIG))
+    cpus, mine = _two_cpus(), os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, {cpus[0]})
+    try:
+        peer, tx, rx = _start_echo_peer(prefix, cpus[1] if cpus else -1)
+        try:
+            trip = min(_round_trip(tx, rx, payload, back) for _ in range(ROUNDS))
+            assert peer.wait(timeout=10) == 0
+        finally:
+            peer.kill()
+            tx.close()
+            rx.close()
+        copy = min(_bare_copies(payload, sink) for _ in range(ROUNDS))
+    finally:
+        os.sched_setaffinity(0, mine)
+        remove_rings(prefix)  # the peer's ring, if it died before this side opened it
+    assert back == payload
+    # One missed wake-up costs a whole wait slice, so half a slice tells "none" from "one". The old
+    # rule missed about one per message each way here: best round trips of 52-103 ms against ~1.5 ms
+    # now, so a 100 ms margin would not reliably catch it.
+    assert trip < copy + WAIT_SLICE_S / 2, f"round trip {trip * 1e3:.1f} ms, bare copies {copy * 1e3:.1f} ms"
