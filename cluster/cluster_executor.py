@@ -31,7 +31,8 @@ from cluster.names import ENGINE, REPLICA_ROLE, ROUTER, ROUTER_ROLE, SHARD_ROLE,
 from cluster.placement import bundle, connect_ray, release, reserve
 from cluster.roles import Spec
 from cluster.telemetry import ExecutorStats
-from cluster.transport import Endpoint, StreamClosed, StreamTimeout, plan_channels
+from cluster.dist_channel import GroupSpec
+from cluster.transport import DIST_KINDS, Endpoint, PlaneSpec, StreamClosed, StreamTimeout, dist_members, plan_channels
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ClusterExecutor(Executor):
         self._uid = uuid.uuid4().hex[:8]
         self._epoch = 0
         self.endpoint: Endpoint | None = None
+        self._store = None  # the TCPStore of the torch.distributed groups, when a plane has any
         self.restarts = 0
 
         c = cluster
@@ -109,18 +111,48 @@ class ClusterExecutor(Executor):
             pairs += [(ROUTER, s)] + [(s, r) for r in replicas]  # shards answer the replicas directly
         if self.cluster.transport == "shm" and len(set(nodes.values())) > 1:
             raise ExecutorFailure("transport shm needs every actor on the engine's node; use auto or tcp")
-        spec = plan_channels(f"gptoss-{self._uid}-{self._epoch}-", pairs, nodes, self.cluster.ring_mb << 20,
-                             force_tcp=self.cluster.transport == "tcp")
-        self.endpoint = Endpoint(ENGINE, host=ray.util.get_node_ip_address())
+        prefix = f"gptoss-{self._uid}-{self._epoch}-"
+        try:
+            spec = plan_channels(prefix, pairs, nodes, self.cluster.ring_mb << 20, self.cluster.transport,
+                                 self._whole_gpus())
+        except ValueError as exc:
+            raise ExecutorFailure(str(exc)) from None
+        host = ray.util.get_node_ip_address()
+        spec = self._with_groups(spec, host)
+        self.endpoint = Endpoint(ENGINE, host=host)
         addresses = self.endpoint.listen(spec)
         for part in ray.get([a.listen.remote(spec) for a in self.actors.values()]):
             addresses.update(part)
         connecting = [a.connect.remote(spec, addresses) for a in self.actors.values()]
-        self.endpoint.connect(spec, addresses)
+        self.endpoint.connect(spec, addresses, store=self._store)
         ray.get(connecting)
         self.serving = {name: a.serve.remote() for name, a in self.actors.items()}
         log.info("data plane epoch %d: %d channels (%s)", self._epoch, len(spec.channels),
                  ", ".join(sorted({c.kind for c in spec.channels})))
+
+    def _whole_gpus(self) -> frozenset[str]:
+        """The actors that own one or more whole GPUs (Ray gives each its own)."""
+        c, names = self.cluster, set()
+        if c.gpus_per_attention_replica >= 1:
+            names |= {replica_name(i) for i in range(self.num_replicas)}
+        if c.gpus_per_router >= 1:
+            names.add(ROUTER)
+        if c.gpus_per_expert_shard >= 1:
+            names |= {shard_name(j) for j in range(len(self.bounds))}
+        return frozenset(names)
+
+    def _with_groups(self, spec: PlaneSpec, host: str) -> PlaneSpec:
+        """The torch.distributed groups of this epoch, on a store the engine hosts (made once)."""
+        groups = []
+        for backend in DIST_KINDS:
+            members = dist_members(spec, backend)
+            if members:
+                if self._store is None:
+                    from torch.distributed import TCPStore
+
+                    self._store = TCPStore(host, 0, None, is_master=True, wait_for_workers=False)
+                groups.append(GroupSpec(backend, host, self._store.port, members, f"{spec.prefix}{backend}/"))
+        return dataclasses.replace(spec, groups=tuple(groups))
 
     # -- steps -----------------------------------------------------------------------------------
     def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
@@ -210,11 +242,11 @@ class ClusterExecutor(Executor):
         return ExecutorStats(tuple(values[:r]), values[r], tuple(values[r + 1:]), self.restarts)
 
     def shutdown(self) -> None:
+        for actor in getattr(self, "actors", {}).values():  # first: a closed endpoint would end their loops
+            ray.kill(actor, no_restart=True)                # with an error that nobody reads
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
-        for actor in getattr(self, "actors", {}).values():
-            ray.kill(actor, no_restart=True)
         if getattr(self, "pg", None) is not None:
             release(self.pg)
             self.pg = None

@@ -96,18 +96,23 @@ def padded(n: int) -> int:
 
 def encode(message: Any) -> tuple[bytes, list[np.ndarray]]:
     """-> header, arrays whose raw bytes follow it (each padded to ALIGN)."""
+    header, tensors = encode_tensors(message)
+    return header, [host_array(t) for t in tensors]
+
+
+def encode_tensors(message: Any) -> tuple[bytes, list[torch.Tensor]]:
+    """-> header, the message's tensors as they are (on their device): for transports that move
+    tensors themselves (dist_channel.py)."""
     fast = _LAYOUTS.get(type(message))
-    arrays: list[np.ndarray] = []
     if fast is None:
         tensors: list[torch.Tensor] = []
         body = io.BytesIO()
         _Pickler(body, tensors).dump(message)
-        arrays = [host_array(t) for t in tensors]
         specs = [(t.dtype, tuple(t.shape)) for t in tensors]
-        return b"P" + pickle.dumps((specs, body.getvalue()), protocol=pickle.HIGHEST_PROTOCOL), arrays
+        return b"P" + pickle.dumps((specs, body.getvalue()), protocol=pickle.HIGHEST_PROTOCOL), tensors
     index, layout = fast
     values: list[int | float] = []  # the header struct's fields: ints, floats, dtype codes and dims
-    ndims = []
+    ndims, tensors = [], []
     for name, kind in layout:
         value = getattr(message, name)
         if kind == "t":
@@ -115,37 +120,57 @@ def encode(message: Any) -> tuple[bytes, list[np.ndarray]]:
             values.append(_DTYPE_CODE[value.dtype])
             values.extend(shape)
             ndims.append(len(shape))
-            arrays.append(host_array(value))
+            tensors.append(value)
         else:
             values.append(value)
     ranks = tuple(ndims)
-    return bytes((70, index, len(ranks), *ranks)) + _format(index, ranks).pack(*values), arrays  # 70 = "F"
+    return bytes((70, index, len(ranks), *ranks)) + _format(index, ranks).pack(*values), tensors  # 70 = "F"
+
+
+def tensor_specs(header: bytes | bytearray | memoryview) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of each tensor of the message whose header this is, in order."""
+    if header[0] == 80:  # "P"
+        return list(pickle.loads(memoryview(header)[1:])[0])
+    index, count = header[1], header[2]
+    ndims = tuple(header[3:3 + count])
+    values = _format(index, ndims).unpack_from(header, 3 + count)
+    specs, i, ranks = [], 0, iter(ndims)
+    for _, kind in _LAYOUTS[FAST_TYPES[index]][1]:
+        if kind == "t":
+            rank = next(ranks)
+            specs.append((DTYPES[values[i]], tuple(values[i + 1:i + 1 + rank])))
+            i += 1 + rank
+        else:
+            i += 1
+    return specs
+
+
+def assemble(header: bytes | bytearray | memoryview, tensors: list[torch.Tensor]) -> Any:
+    """The message from its header and its tensors (in tensor_specs order)."""
+    if header[0] == 80:  # "P"
+        _, body = pickle.loads(memoryview(header)[1:])
+        return _Unpickler(io.BytesIO(body), tensors).load()
+    index, count = header[1], header[2]
+    ndims = tuple(header[3:3 + count])
+    values = _format(index, ndims).unpack_from(header, 3 + count)
+    cls = FAST_TYPES[index]
+    fields, i, ranks, given = [], 0, iter(ndims), iter(tensors)
+    for _, kind in _LAYOUTS[cls][1]:
+        if kind == "t":
+            i += 1 + next(ranks)
+            fields.append(next(given))
+        else:
+            fields.append(values[i])
+            i += 1
+    return cls(*fields)
 
 
 def decode(data: bytearray, header_len: int) -> Any:
     """Rebuild a message from one received buffer: header, then the tensors' padded bytes. The
     tensors view `data` (no copy)."""
-    offset = header_len
-    if data[0] == 80:  # "P"
-        specs, body = pickle.loads(memoryview(data)[1:header_len])
-        tensors = []
-        for dtype, shape in specs:
-            tensors.append(_tensor(data, offset, dtype, shape))
-            offset += padded(math.prod(shape) * dtype.itemsize)
-        return _Unpickler(io.BytesIO(body), tensors).load()
-    index, count = data[1], data[2]
-    ndims = tuple(data[3:3 + count])
-    values = _format(index, ndims).unpack_from(data, 3 + count)
-    cls = FAST_TYPES[index]
-    fields, i, ranks = [], 0, iter(ndims)
-    for _, kind in _LAYOUTS[cls][1]:
-        if kind == "t":
-            dtype, rank = DTYPES[values[i]], next(ranks)
-            shape = values[i + 1:i + 1 + rank]
-            i += 1 + rank
-            fields.append(_tensor(data, offset, dtype, shape))
-            offset += padded(math.prod(shape) * dtype.itemsize)
-        else:
-            fields.append(values[i])
-            i += 1
-    return cls(*fields)
+    header = memoryview(data)[:header_len]
+    offset, tensors = header_len, []
+    for dtype, shape in tensor_specs(header):
+        tensors.append(_tensor(data, offset, dtype, shape))
+        offset += padded(math.prod(shape) * dtype.itemsize)
+    return assemble(header, tensors)

@@ -99,8 +99,10 @@ class ClusterConfig:
     router_resources: Resources = option({}, "custom Ray resources the router needs")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
         "PACK", "how the placement group spreads the actors over nodes")
-    transport: Literal["auto", "shm", "tcp"] = option(
-        "auto", "data plane: shared memory on one node, TCP between nodes (auto picks per pair)")
+    transport: Literal["auto", "shm", "tcp", "gloo", "nccl"] = option(
+        "auto", "data plane per pair of actors: auto takes NCCL between actors that each own whole GPUs, "
+                "shared memory within a node, TCP between nodes; the others force one kind (gloo: "
+                "torch.distributed on CPU; nccl: fail rather than fall back)")
     ring_mb: int = option(8, "MiB per shared-memory channel (larger messages stream through it)", ge=1)
     micro_batches: int = option(1, "groups a replica splits each step's chunks into, computing attention of one "
                                    "while the MoE of another is away (results do not depend on it)", ge=1, le=8)

@@ -88,7 +88,8 @@ def measure_hops(rows: list[int], hidden: int, transport: str = "auto", count: i
              **{name: ray.get(p.node.remote()) for name, p in peers.items()}}
     prefix = f"gptoss-hop-{uuid.uuid4().hex[:8]}-"
     pairs = [(ENGINE, ECHO), (ECHO, ENGINE), (ENGINE, RELAY), (RELAY, ECHO)]
-    plane = plan_channels(prefix, pairs, nodes, 8 << 20, force_tcp=transport == "tcp")
+    # bytes travel on rings and TCP: a gloo or NCCL plane is measured by its own benchmark rows
+    plane = plan_channels(prefix, pairs, nodes, 8 << 20, transport="tcp" if transport == "tcp" else "auto")
     endpoint = Endpoint(ENGINE, host=ray.util.get_node_ip_address())
     echo, relay = peers[ECHO], peers[RELAY]
     try:

@@ -11,8 +11,14 @@ moves them to its device.
 
 Setup is two-phase, driven by the executor through Ray (the control plane) once per plane epoch:
 every participant `listen`s (creates its inbound rings, or a TCP listener) and reports addresses,
-then every participant `connect`s its outbound channels. Same-node pairs use shared-memory rings,
-other pairs TCP (channels.py has the measurements behind that choice).
+then every participant `connect`s its outbound channels, and joins the epoch's torch.distributed
+group where it has channels of that kind (dist_channel.py: those move tensors themselves, on their
+device, rather than bytes).
+
+Which kind each directed pair gets (`--transport`): `auto` takes NCCL between two actors that each
+own whole GPUs (Ray gives each its own), a shared-memory ring within a node, TCP between nodes
+(channels.py has the measurements behind that choice); `shm`, `tcp` and `gloo` force one kind for
+every pair; `nccl` is `auto` that fails rather than fall back when some actor pair has no whole GPUs.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from typing import Any
 
 from cluster.channels import ByteStream, ShmRing, StreamClosed, StreamTimeout, TcpStream
 from cluster.codec import ALIGN, decode, encode, padded
+from cluster.dist_channel import DistGroup, DistIn, DistOut, GroupSpec
+from cluster.names import ENGINE
 
-__all__ = ["Address", "Endpoint", "PlaneSpec", "ChannelSpec", "StreamClosed", "StreamTimeout", "plan_channels"]
+__all__ = ["Address", "Endpoint", "PlaneSpec", "ChannelSpec", "StreamClosed", "StreamTimeout", "plan_channels",
+           "dist_members"]
 
 _PREFIX = struct.Struct("<QQ")  # header length, body length
 _HELLO = struct.Struct("<256s")
@@ -41,7 +50,7 @@ Address = str | tuple[str, int]  # how a sender reaches an inbound channel: the 
 class ChannelSpec:
     src: str
     dst: str
-    kind: str  # "shm" or "tcp"
+    kind: str  # "shm", "tcp", "gloo" or "nccl"
     name: str  # unique name; the shm file name for "shm"
 
 
@@ -50,16 +59,33 @@ class PlaneSpec:
     prefix: str  # shm names start with it, so leftovers of a dead epoch can be removed
     channels: tuple[ChannelSpec, ...]
     ring_bytes: int
+    groups: tuple[GroupSpec, ...] = ()  # one per torch.distributed backend in use (with_groups)
+
+
+DIST_KINDS = ("gloo", "nccl")
 
 
 def plan_channels(prefix: str, pairs: list[tuple[str, str]], nodes: dict[str, str], ring_bytes: int,
-                  force_tcp: bool = False) -> PlaneSpec:
-    """One channel per directed pair; shm when both ends are on one node (and TCP not forced)."""
+                  transport: str = "auto", whole_gpus: frozenset[str] = frozenset()) -> PlaneSpec:
+    """One channel per directed pair, of the kind the module docstring gives. `whole_gpus`: the
+    participants that own one or more whole GPUs."""
     channels = []
     for src, dst in pairs:
-        kind = "tcp" if force_tcp or nodes[src] != nodes[dst] else "shm"
+        if transport in ("shm", "tcp", "gloo"):
+            kind = transport
+        elif src in whole_gpus and dst in whole_gpus:
+            kind = "nccl"
+        elif transport == "nccl" and ENGINE not in (src, dst):
+            raise ValueError(f"transport nccl needs whole GPUs on both {src} and {dst}")
+        else:
+            kind = "shm" if nodes[src] == nodes[dst] else "tcp"
         channels.append(ChannelSpec(src, dst, kind, f"{prefix}{src}-{dst}"))
     return PlaneSpec(prefix, tuple(channels), ring_bytes)
+
+
+def dist_members(spec: PlaneSpec, backend: str) -> tuple[str, ...]:
+    """Who joins the `backend` group: every end of a channel of that kind, in a fixed order."""
+    return tuple(sorted({n for c in spec.channels if c.kind == backend for n in (c.src, c.dst)}))
 
 
 class Endpoint:
@@ -69,7 +95,9 @@ class Endpoint:
         self.me = me
         self.host = host
         self._out: dict[str, ByteStream] = {}
-        self._in: dict[str, ByteStream] = {}
+        self._in: dict[str, ByteStream | DistIn] = {}
+        self._dist_out: dict[str, DistOut] = {}
+        self._groups: list[DistGroup] = []
         self._listener: socket.socket | None = None
         self._pending_tcp: dict[str, ChannelSpec] = {}
         self._stop = threading.Event()
@@ -79,7 +107,7 @@ class Endpoint:
         """Create inbound channels; returns what senders need to reach them."""
         addresses: dict[str, Address] = {}
         for ch in spec.channels:
-            if ch.dst != self.me:
+            if ch.dst != self.me or ch.kind in DIST_KINDS:  # dist channels need no addresses
                 continue
             if ch.kind == "shm":
                 self._in[ch.src] = ShmRing(ch.name, spec.ring_bytes, create=True)
@@ -93,10 +121,13 @@ class Endpoint:
                 addresses[ch.name] = (self.host, self._listener.getsockname()[1])
         return addresses
 
-    def connect(self, spec: PlaneSpec, addresses: dict[str, Address], timeout: float = 60.0) -> None:
-        """Open outbound channels, then accept the inbound TCP ones."""
+    def connect(self, spec: PlaneSpec, addresses: dict[str, Address], timeout: float = 60.0,
+                store: object | None = None) -> None:
+        """Open outbound channels, accept the inbound TCP ones, then join the distributed groups
+        (every member joins at once: the executor calls connect everywhere concurrently). `store`:
+        the engine's own TCPStore, which it hosts."""
         for ch in spec.channels:
-            if ch.src != self.me:
+            if ch.src != self.me or ch.kind in DIST_KINDS:
                 continue
             if ch.kind == "shm":
                 self._out[ch.dst] = ShmRing(str(addresses[ch.name]), spec.ring_bytes, create=False)
@@ -121,13 +152,26 @@ class Endpoint:
                 sock.close()
                 continue
             self._in[src] = stream
+        for group_spec in spec.groups:
+            if self.me not in group_spec.members:
+                continue
+            group = DistGroup(group_spec, self.me, store)
+            self._groups.append(group)
+            for ch in spec.channels:
+                if ch.kind == group_spec.backend and ch.src == self.me:
+                    self._dist_out[ch.dst] = DistOut(group, ch.dst)
+                elif ch.kind == group_spec.backend and ch.dst == self.me:
+                    self._in[ch.src] = DistIn(group, ch.src)
 
     # -- messages --------------------------------------------------------------------------------
     def send(self, peer: str, message: Any, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if peer in self._dist_out:
+            self._dist_out[peer].send(message, deadline, self._stop)
+            return
         header, arrays = encode(message)
         body = sum(padded(a.nbytes) for a in arrays)
         stream = self._stream(self._out, peer)
-        deadline = None if timeout is None else time.monotonic() + timeout
         prefix = _PREFIX.pack(len(header), body)
         if body <= SMALL_MESSAGE:  # one write: a copy of a few KB costs less than more calls
             parts = [prefix, header]
@@ -148,6 +192,8 @@ class Endpoint:
     def recv(self, peer: str, timeout: float | None = None) -> Any:
         stream = self._stream(self._in, peer)
         deadline = None if timeout is None else time.monotonic() + timeout
+        if isinstance(stream, DistIn):
+            return stream.recv(deadline, self._stop)
         prefix = bytearray(_PREFIX.size)
         stream.readinto(memoryview(prefix), deadline, self._stop)
         header_len, body = _PREFIX.unpack(prefix)
@@ -162,7 +208,10 @@ class Endpoint:
 
     def recv_bytes_into(self, peer: str, view: memoryview, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._stream(self._in, peer).readinto(view, deadline, self._stop)
+        stream = self._stream(self._in, peer)
+        if isinstance(stream, DistIn):
+            raise StreamClosed("raw bytes travel on shm and tcp channels only (cluster/hop.py measures those)")
+        stream.readinto(view, deadline, self._stop)
 
     def wait_any(self, peers: list[str], timeout: float) -> list[str]:
         """Peers among `peers` with a message (at least its first byte) waiting; [] after `timeout`.
@@ -179,7 +228,7 @@ class Endpoint:
         select.select([s.wait_fd() for s in streams.values()], [], [], timeout)
         return [p for p, s in streams.items() if s.ready()]
 
-    def _stream(self, table: dict[str, ByteStream], peer: str) -> ByteStream:
+    def _stream(self, table: dict[str, Any], peer: str) -> Any:
         if self._stop.is_set():
             raise StreamClosed(f"{self.me}: endpoint stopped")
         try:
@@ -193,11 +242,25 @@ class Endpoint:
         self._stop.set()
 
     def close(self) -> None:
+        for out in self._dist_out.values():
+            out.bye()  # ends the peer's receiving thread
         self._stop.set()
+        receivers = [s for s in self._in.values() if isinstance(s, DistIn)]
         for stream in [*self._out.values(), *self._in.values()]:
-            stream.close()
+            if not isinstance(stream, DistIn):
+                stream.close()
+        deadline = time.monotonic() + 1.0  # peers that are alive say bye at once
+        while any(not r.done for r in receivers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for r in receivers:
+            if r.done:  # a thread still waiting on a hung peer keeps its pipe (and its group) to the end
+                r.close()
+        for group in self._groups:
+            group.release(all(r.done for r in receivers))
         self._out.clear()
         self._in.clear()
+        self._dist_out.clear()
+        self._groups.clear()
         if self._listener is not None:
             self._listener.close()
             self._listener = None

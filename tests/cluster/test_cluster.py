@@ -166,6 +166,18 @@ def test_tcp_transport_uneven_split_and_packed_mxfp4(ray_session, tiny_hf: Path,
         engine.shutdown()
 
 
+def test_gloo_transport_gives_the_same_tokens(ray_session, tiny_hf: Path, reference: list[Completion]) -> None:
+    """torch.distributed point-to-point (the NCCL code path, on CPU): every pair over one gloo group."""
+    from cluster.cluster_executor import ClusterExecutor
+
+    config = ClusterConfig(attention_replicas=2, expert_shards=2, transport="gloo", step_timeout_s=30)
+    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV))
+    try:
+        assert_same(reference, engine.generate(prompts(), GREEDY, timeout=120))
+    finally:
+        engine.shutdown()
+
+
 def test_expert_bounds() -> None:
     assert expert_bounds(16, 3) == ((0, 5), (5, 10), (10, 16))
     assert expert_bounds(16, 16)[-1] == (15, 16) and expert_bounds(16, 1) == ((0, 16),)

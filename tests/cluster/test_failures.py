@@ -89,3 +89,18 @@ def test_hung_shard_is_noticed_within_the_timeout(cluster: Engine, undisturbed: 
     assert "timed out" in reason
     assert noticed_at - stopped_at < STEP_TIMEOUT_S + 1.5
     assert [o.token_ids for o in outs] == [u.token_ids for u in undisturbed]
+
+
+def test_killed_shard_on_the_gloo_transport(ray_session, tiny_hf: Path, undisturbed: list[Completion]) -> None:
+    """The torch.distributed channels fail and come back like the rings: a lost peer ends the
+    receiving threads with an error, recovery builds a new group for the new epoch."""
+    from cluster.cluster_executor import ClusterExecutor
+
+    config = ClusterConfig(attention_replicas=1, expert_shards=2, transport="gloo", step_timeout_s=STEP_TIMEOUT_S)
+    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV))
+    try:
+        outs, _ = disturb(engine, "expert_shard", 0, signal.SIGKILL)
+        assert [o.token_ids for o in outs] == [u.token_ids for u in undisturbed]
+        assert engine.failures and "down" in engine.failures[0][1]
+    finally:
+        engine.shutdown()

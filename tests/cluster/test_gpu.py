@@ -45,3 +45,19 @@ def test_cluster_with_fractional_gpus(ray_session, tiny_hf: Path, cpu_tokens: li
     executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV)
     assert {a.device for a in executor.topology() if a.role != "router"} == {"cuda"}
     assert greedy_tokens(Engine(executor)) == cpu_tokens
+
+
+@pytest.mark.gpu
+def test_nccl_between_actors_with_whole_gpus(ray_session, tiny_hf: Path, cpu_tokens: list[list[int]]) -> None:
+    """--transport auto takes NCCL between actors that each own a whole GPU: the replica, the router
+    and both shards here (4 GPUs); the engine's own channels stay shared memory."""
+    import torch
+
+    from cluster.cluster_executor import ClusterExecutor
+
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs: one per actor")
+    config = ClusterConfig(attention_replicas=1, expert_shards=2, gpus_per_attention_replica=1,
+                           gpus_per_expert_shard=1, gpus_per_router=1, transport="nccl", step_timeout_s=120)
+    executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV)
+    assert greedy_tokens(Engine(executor)) == cpu_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,25 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.distributed import TCPStore
 
 import cluster
 from cluster.channels import SHM_DIR, WAIT_SLICE_S, ShmRing, StreamClosed, StreamTimeout, remove_rings
 from cluster.messages import ChunkPlan, MoeRequest, MoeRoute, ReplicaStep, ShardRequest, ShardResult
-from cluster.transport import Endpoint, plan_channels
+from cluster.dist_channel import GroupSpec
+from cluster.transport import Endpoint, dist_members, plan_channels
 from model_shards.sampling import SamplingParams
 
 
-@pytest.fixture(params=["shm", "tcp"])
+@pytest.fixture(params=["shm", "tcp", "gloo"])
 def pair(request: pytest.FixtureRequest):
     prefix = f"gptoss-test-{os.getpid()}-{request.param}-"
     spec = plan_channels(prefix, [("a", "b"), ("b", "a")], {"a": "n", "b": "n"}, ring_bytes=1 << 16,
-                         force_tcp=request.param == "tcp")
+                         transport=request.param)
     assert {c.kind for c in spec.channels} == {request.param}
+    store = None
+    if request.param == "gloo":  # "a" hosts the group's store, as the engine does
+        store = TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+        spec = dataclasses.replace(spec, groups=(GroupSpec("gloo", "127.0.0.1", store.port, ("a", "b"), prefix),))
     a, b = Endpoint("a"), Endpoint("b")
     addresses = {**a.listen(spec), **b.listen(spec)}
     t = threading.Thread(target=b.connect, args=(spec, addresses))
     t.start()
-    a.connect(spec, addresses)
+    a.connect(spec, addresses, store=store)
     t.join()
     # connected shm rings have no names left: a process killed now leaves nothing in /dev/shm
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
@@ -116,6 +123,18 @@ def test_timeout_and_stop(pair: tuple[Endpoint, Endpoint]) -> None:
 def test_same_node_pairs_use_shared_memory() -> None:
     spec = plan_channels("p-", [("x", "y"), ("y", "z")], {"x": "n1", "y": "n1", "z": "n2"}, 1 << 20)
     assert [c.kind for c in spec.channels] == ["shm", "tcp"]
+
+
+def test_auto_takes_nccl_between_actors_with_whole_gpus_only() -> None:
+    pairs = [("engine", "r"), ("r", "router"), ("router", "s"), ("s", "r"), ("s", "t")]
+    nodes = {"engine": "n1", "r": "n1", "router": "n1", "s": "n2", "t": "n2"}
+    gpus = frozenset({"r", "s", "t"})  # the router shares a GPU (or has none)
+    spec = plan_channels("p-", pairs, nodes, 1 << 20, "auto", gpus)
+    assert [c.kind for c in spec.channels] == ["shm", "shm", "tcp", "nccl", "nccl"]
+    assert dist_members(spec, "nccl") == ("r", "s", "t") and dist_members(spec, "gloo") == ()
+    with pytest.raises(ValueError, match="whole GPUs on both r and router"):
+        plan_channels("p-", pairs, nodes, 1 << 20, "nccl", gpus)  # the engine's pairs may fall back
+    assert {c.kind for c in plan_channels("p-", pairs, nodes, 1 << 20, "gloo", gpus).channels} == {"gloo"}
 
 
 def test_leftover_rings_are_removed() -> None:
