@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.distributed import ProcessGroup, Store, Work
 
 from cluster.channels import StreamClosed, StreamTimeout, WAIT_SLICE_S
 from cluster.codec import assemble, encode_tensors, tensor_specs
 
 BYE = -1  # in place of a header length: the sender closed its endpoint
-_ABANDONED: list[Any] = []  # groups with receives still pending: destroying one would wait for them
+_ABANDONED: list[ProcessGroup] = []  # groups with receives still pending: destroying one would wait for them
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def group_device(backend: str) -> torch.device:
 class DistGroup:
     """One participant's view of the group: its rank, the process group, the device of its tensors."""
 
-    def __init__(self, spec: GroupSpec, me: str, store: Any | None = None) -> None:
+    def __init__(self, spec: GroupSpec, me: str, store: Store | None = None) -> None:
         from torch.distributed import PrefixStore, TCPStore
 
         self.spec, self.rank = spec, spec.members.index(me)
@@ -78,7 +79,7 @@ class DistGroup:
             _ABANDONED.append(self.pg)
 
 
-def _run(op: Callable[[], Any], deadline: float | None, what: str) -> None:
+def _run(op: Callable[[], Work], deadline: float | None, what: str) -> None:
     """Start a point-to-point op and wait for it; a lost peer (either may raise) is StreamClosed."""
     timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
     try:
@@ -125,7 +126,7 @@ class DistIn:
 
     def __init__(self, group: DistGroup, peer: str) -> None:
         self.group, self.peer, self.src = group, peer, group.rank_of(peer)
-        self._messages: queue.Queue[Any] = queue.Queue()
+        self._messages: queue.Queue[object] = queue.Queue()  # messages, or the StreamClosed that ended them
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._thread = threading.Thread(target=self._receive, name=f"recv-{peer}", daemon=True)
@@ -151,7 +152,7 @@ class DistIn:
         except Exception as exc:  # a message that cannot be decoded: the plane is broken
             self._put(StreamClosed(f"receiving from {self.peer} failed: {type(exc).__name__}: {exc}"))
 
-    def _put(self, item: Any) -> None:
+    def _put(self, item: object) -> None:
         self._messages.put(item)
         try:
             os.write(self._wake_w, b"\0")

@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.channels import ByteStream, ShmRing, StreamClosed, StreamTimeout, TcpStream
 from cluster.codec import ALIGN, decode, encode, padded
@@ -43,6 +43,7 @@ _PREFIX = struct.Struct("<QQ")  # header length, body length
 _HELLO = struct.Struct("<256s")
 _PAD = bytes(ALIGN)
 SMALL_MESSAGE = 64 << 10
+S = TypeVar("S")
 Address = str | tuple[str, int]  # how a sender reaches an inbound channel: the ring's name, or TCP (host, port)
 
 
@@ -228,7 +229,7 @@ class Endpoint:
         select.select([s.wait_fd() for s in streams.values()], [], [], timeout)
         return [p for p, s in streams.items() if s.ready()]
 
-    def _stream(self, table: dict[str, Any], peer: str) -> Any:
+    def _stream(self, table: dict[str, S], peer: str) -> S:
         if self._stop.is_set():
             raise StreamClosed(f"{self.me}: endpoint stopped")
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from types import TracebackType
-from typing import AsyncIterator, TypeVar
+from typing import AsyncIterator, Callable, TypeVar
 
 from cluster.events import EngineUnavailable, Event
 from deploy.engine_client import EventStream
@@ -91,6 +91,18 @@ class Generation:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+
+async def until_stopped(run: Generation, feed: Callable[[Event], T],
+                        stopped: Callable[[], bool]) -> AsyncIterator[T]:
+    """Drive `run` to its end and close it: feed(event) for each token event, as they come; once
+    `stopped()` says a stop string matched (asked after each feed), the run ends there."""
+    async with run:
+        async for event in run:
+            yield feed(event)
+            if stopped():
+                run.stop()
+                break
 
 
 def usage(prompts: list[Generation], runs: list[Generation]) -> Usage:

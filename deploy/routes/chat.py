@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from cluster.events import Event
 from deploy.errors import bad_request
-from deploy.generation import Generation, merged, usage
+from deploy.generation import Generation, merged, until_stopped, usage
 from deploy.protocol import (ERROR_RESPONSES, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                              ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs, FunctionCall,
                              TokenLogprob, ToolCallDelta, ToolCallFunctionDelta, ToolCallOut, TopLogprob,
@@ -126,12 +126,8 @@ def chat_delta(d: Delta) -> ChatDelta:
 async def run_choice(run: Generation, state: ChatState) -> AsyncIterator[tuple[list[Delta], Event | None]]:
     """Drive one choice to its end: (visible deltas, the token's event) as they come, then the deltas
     only known at the end (with no event)."""
-    async with run:
-        async for event in run:
-            yield state.feed(event), event
-            if state.stops.stopped:
-                run.stop()
-                break
+    async for deltas, event in until_stopped(run, lambda e: (state.feed(e), e), lambda: state.stops.stopped):
+        yield deltas, event
     yield state.finish(), None
 
 

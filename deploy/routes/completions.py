@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from cluster.events import Event
 from deploy.errors import bad_request
-from deploy.generation import Generation, merged, usage
+from deploy.generation import Generation, merged, until_stopped, usage
 from deploy.protocol import (ERROR_RESPONSES, Completion, CompletionChoice, CompletionChunk, CompletionChunkChoice,
                              CompletionLogprobs, CompletionRequest, parse_logit_bias)
 from deploy.service import ApiService, get_service
@@ -84,12 +84,8 @@ class ChoiceState:
 
 async def run_choice(run: Generation, state: ChoiceState) -> AsyncIterator[tuple[str, bool]]:
     """Drive one choice to its end: (visible text, whether it is the last piece) as they come."""
-    async with run:
-        async for event in run:
-            yield state.add(event), False
-            if state.stops.stopped:
-                run.stop()
-                break
+    async for text in until_stopped(run, state.add, lambda: state.stops.stopped):
+        yield text, False
     yield state.finish(run.finish_reason), True
 
 
