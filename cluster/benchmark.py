@@ -14,6 +14,7 @@ import torch
 from cluster.executor import Executor
 from cluster.kv_manager import ReplicaKV
 from cluster.messages import ChunkPlan, ReplicaStep
+from cluster.telemetry import shard_imbalance
 from model_shards.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0)
@@ -31,6 +32,7 @@ class DecodeRow:
     data_plane_us_per_layer: float | None = None  # that wait minus router work and the slowest shard
     router_us_per_layer: float | None = None  # the router's own compute (routing, dispatch, combine)
     shard_us_per_layer: float | None = None  # the slowest shard's compute
+    shard_imbalance: float | None = None  # cluster: busiest shard's routed load over the mean, timed steps
 
 
 def _chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
@@ -100,5 +102,7 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
             row.moe_wait_us_per_layer = wait * 1e6
             row.data_plane_us_per_layer = (wait - routing - shard) * 1e6
             row.router_us_per_layer, row.shard_us_per_layer = routing * 1e6, shard * 1e6
+            loads = [[n - m for n, m in zip(a, b)] for a, b in zip(after.shard_tokens, before.shard_tokens)]
+            row.shard_imbalance = shard_imbalance(loads)[1]
         rows.append(row)
     return rows

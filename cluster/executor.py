@@ -72,7 +72,7 @@ class LocalExecutor(Executor):
         self.config = self.model.config
         self.kv = kv
         self.num_replicas = 1
-        self.expert_tokens = torch.zeros(self.config.num_experts, dtype=torch.long)  # summed over layers
+        self.expert_tokens = torch.zeros(self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long)
         self.moe_time = Histogram()  # the single "shard": every expert, in this process
         self.recoveries = 0
         self.cache = self._new_cache()
@@ -89,7 +89,7 @@ class LocalExecutor(Executor):
     def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         w = self.model.weights
-        y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens)
+        y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens[layer])
         self.moe_time.observe(time.perf_counter() - start)
         return y
 
@@ -115,6 +115,7 @@ class LocalExecutor(Executor):
         return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts])]
 
     def stats(self) -> ExecutorStats:
-        router = RouterStats(tuple(self.expert_tokens.tolist()), 0.0)
+        per_layer = tuple((int(n),) for n in self.expert_tokens.sum(1).tolist())  # one "shard": every expert
+        router = RouterStats(tuple(self.expert_tokens.sum(0).tolist()), per_layer, 0.0)
         return ExecutorStats((ReplicaStats(self.cache.usage()),), router, (ShardStats(None, self.moe_time.snapshot()),),
                              self.recoveries)

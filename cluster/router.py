@@ -92,4 +92,5 @@ class Router:
                 self.route_s += time.perf_counter() - started - self._comm_s
 
     def stats(self) -> RouterStats:
-        return RouterStats(tuple(self.expert_tokens.sum(0).tolist()), self.route_s)
+        shards = np.add.reduceat(self.expert_tokens, self._starts, axis=1)  # [L, M]
+        return RouterStats(tuple(self.expert_tokens.sum(0).tolist()), tuple(map(tuple, shards.tolist())), self.route_s)

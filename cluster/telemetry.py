@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Sequence
 
 # seconds: from sub-millisecond CPU steps of tiny models to multi-second prefills
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -44,6 +45,7 @@ class ReplicaStats:
 @dataclass(frozen=True)
 class RouterStats:
     expert_tokens: tuple[int, ...]  # [E] tokens routed to each expert, summed over layers
+    shard_tokens: tuple[tuple[int, ...], ...]  # [L][M] routed assignments of each layer per expert shard
     # the router's own compute (routing, dispatch) summed over layers since start, not its sends and
     # receives; what a replica waits for the MoE beyond this and the slowest shard's compute
     # (StepResult.shard_s) is the data plane (the benchmark reports it)
@@ -73,3 +75,16 @@ class EngineLoad:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_hits: int = 0  # of those, tokens whose KV was reused
     kv_cached_share: float = 0.0  # mean over replicas of the KV blocks that hold reusable prefix content
+
+
+def shard_imbalance(loads: Sequence[Sequence[int]]) -> tuple[list[float], float]:
+    """loads [L][M] routed assignments per layer and shard -> (per layer: the busiest shard's load over
+    the mean shard load; overall: the same over the whole forward pass, sum over layers of the busiest
+    over sum of the means, which is what the slowest shard of each layer costs against an even split).
+    1.0 where nothing was routed."""
+    per_layer, busiest, mean = [], 0.0, 0.0
+    for layer in loads:
+        top, avg = float(max(layer, default=0)), sum(layer) / max(1, len(layer))
+        per_layer.append(top / avg if avg else 1.0)
+        busiest, mean = busiest + top, mean + avg
+    return per_layer, busiest / mean if mean else 1.0

@@ -4,6 +4,7 @@
     gptoss bench --model PATH --engine local,cluster --batch-sizes 1,16,64
     gptoss bench serve --url http://127.0.0.1:8000/v1
     gptoss make-tiny OUT [--preset tiny|small] [--layout hf|original] [--mxfp4/--no-mxfp4] [--seed N]
+                  [--router-skew S]
     gptoss serve [--model PATH_OR_ID] [--host] [--port] [--engine local|cluster] [--api-key KEY] ...
 
 The engine and server flags are generated from the configuration schema (cluster/config.py,
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layout", choices=LAYOUTS, default="hf")
     t.add_argument("--mxfp4", action=argparse.BooleanOptionalAction, default=True, help="experts in MXFP4")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--router-skew", type=float, default=0.0, metavar="S",
+                   help="logit bonus added to the router bias of a few hot experts per layer (experts_per_token "
+                        "of them, in the first quarter of the experts): router logits spread about 1, so 1 is a "
+                        "mild preference and 8 sends every token there (2 expert shards: imbalance 2.0, 4: 4.0); "
+                        "0, the default, routes about evenly, the same checkpoint as without the flag")
     _vocab_option(t)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server on Ray Serve")
@@ -143,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             print(commands.bench(args))
         elif args.command == "make-tiny":
-            path = make_tiny(args.out, args.preset, args.layout, args.mxfp4, args.seed)
-            print(f"wrote a random {args.preset} checkpoint ({args.layout} layout) to {path}")
+            path = make_tiny(args.out, args.preset, args.layout, args.mxfp4, args.seed, router_skew=args.router_skew)
+            skew = f", router skew {args.router_skew:g}" if args.router_skew else ""
+            print(f"wrote a random {args.preset} checkpoint ({args.layout} layout{skew}) to {path}")
         elif args.command == "serve":
             from deploy.serve_cmd import run
 

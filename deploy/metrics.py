@@ -24,7 +24,7 @@ from ray.util.metrics import Gauge
 
 from cluster.engine import Engine
 from cluster.events import RequestTimes
-from cluster.telemetry import ExecutorStats, HistogramSnapshot
+from cluster.telemetry import ExecutorStats, HistogramSnapshot, shard_imbalance
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,25 @@ class EngineCollector(Collector):
             for shard, shard_stats in enumerate(stats.shards):
                 hist = shard_stats.step
                 steps.add_metric([self.model_name, str(shard)], _cumulative(hist), hist.sum)
+        shard_tokens = CounterMetricFamily("gptoss_expert_shard_tokens",
+                                           "routed assignments each expert shard computed, summed over layers",
+                                           labels=["model_name", "shard"])
+        imbalance = GaugeMetricFamily("gptoss_expert_shard_imbalance",
+                                      "busiest expert shard's routed load over the mean, since start, per layer "
+                                      "and over the whole pass (layer=\"all\"); 1 is even",
+                                      labels=["model_name", "layer"])
+        if stats is not None and stats.router.shard_tokens:
+            loads = stats.router.shard_tokens
+            for shard, count in enumerate(map(sum, zip(*loads))):
+                shard_tokens.add_metric([self.model_name, str(shard)], float(count))
+            per_layer, overall = shard_imbalance(loads)
+            for layer, value in enumerate(per_layer):
+                imbalance.add_metric([self.model_name, str(layer)], value)
+            imbalance.add_metric([self.model_name, "all"], overall)
         yield experts
         yield steps
+        yield shard_tokens
+        yield imbalance
 
 
 def _cumulative(hist: HistogramSnapshot) -> list[tuple[str, float]]:

@@ -6,6 +6,12 @@ values are chosen so the stored checkpoints all define the SAME model: non-exper
 rounded to bf16 (their stored dtype) and expert matrices to MXFP4-representable values, so writing
 them as MXFP4 loses nothing. Scales keep the residual stream dominated by the token embedding and
 give peaked output distributions, so the random model does not collapse onto one token.
+
+Router skew (`make-tiny --router-skew S`): random routers spread tokens almost evenly over the
+experts, which hides load imbalance between expert shards. With S > 0 each layer gets a few "hot"
+experts (see `hot_experts`) whose router bias is raised by S, a logit bonus: the random router logits
+have a spread of about 1 over the experts, so S = 1 is a mild preference and S >= 6 sends nearly every
+token to the hot experts. S = 0 writes exactly the checkpoint of the same seed without the option.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from model_shards.weights import (AttentionWeights, DenseStack, ExpertStack, Exp
 log = logging.getLogger(__name__)
 
 
-def random_weights(cfg: GptOssConfig, seed: int = 0) -> ModelWeights:
-    """float32 weights whose values are exactly representable in the stored formats."""
+def random_weights(cfg: GptOssConfig, seed: int = 0, router_skew: float = 0.0) -> ModelWeights:
+    """float32 weights whose values are exactly representable in the stored formats; `router_skew`
+    is the logit bonus of each layer's hot experts (0: none, see the module docstring)."""
+    if router_skew < 0 or not math.isfinite(router_skew):
+        raise ValueError(f"router skew must be a finite number >= 0, got {router_skew}")
     gen = torch.Generator().manual_seed(seed)
     h, inter, e, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.vocab_size
     qkv = cfg.q_dim + 2 * cfg.kv_dim
@@ -58,7 +67,9 @@ def random_weights(cfg: GptOssConfig, seed: int = 0) -> ModelWeights:
             out=Linear(normal(h, cfg.q_dim, std=0.5 / math.sqrt(cfg.q_dim)), normal(h, std=0.02)),
             mlp_norm=normal(h, std=0.1, mean=1.0),
         ) for _ in layers],
-        routers=[RouterWeights(weight=normal(e, h, std=1.0 / math.sqrt(h)), bias=normal(e, std=0.1)) for _ in layers],
+        routers=skew_routers(
+            [RouterWeights(weight=normal(e, h, std=1.0 / math.sqrt(h)), bias=normal(e, std=0.1)) for _ in layers],
+            hot_experts(cfg, seed), router_skew),
         experts=[ExpertWeights(
             first=0,
             gate_up=expert_matrix(2 * inter, h, 1.0 / math.sqrt(h)),
@@ -67,6 +78,35 @@ def random_weights(cfg: GptOssConfig, seed: int = 0) -> ModelWeights:
             down_bias=normal(e, h, std=0.02),
         ) for _ in layers],
     )
+
+
+def hot_experts(cfg: GptOssConfig, seed: int = 0) -> list[list[int]]:
+    """[L][K] the hot experts of each layer: experts_per_token of them (a token's whole top-k fits in
+    the hot set, so a large skew can route everything there), drawn per layer with the seed from the
+    first quarter of the experts. The first quarter lies inside the first shard of any even split into
+    up to 4 expert shards, so once the skew saturates the busiest of M <= 4 shards carries everything:
+    shard imbalance (busiest over mean) M, i.e. 2.0 on 2 shards and 4.0 on 4. A balancer can still
+    even it out by placing the K hot experts on different shards. (The tiny preset has 16 experts and
+    K = 4: its first quarter is exactly the hot set, in every layer.)"""
+    k = cfg.experts_per_token
+    pool = max(k, cfg.num_experts // 4)  # the first quarter, or the K first when there are fewer than 4K
+    # Its own generator, so the skew leaves every other tensor's draw (and S = 0) unchanged.
+    gen = torch.Generator().manual_seed(seed + 0x5EED)
+    return [sorted(torch.randperm(pool, generator=gen)[:k].tolist()) for _ in range(cfg.num_hidden_layers)]
+
+
+def skew_routers(routers: list[RouterWeights], hot: list[list[int]], bonus: float) -> list[RouterWeights]:
+    """Adds `bonus` to the router bias [E] of each layer's hot experts (a logit bonus, the same for every
+    token); weights [E, H] are kept. Rounded to bf16 again, the stored dtype. bonus 0: unchanged."""
+    if bonus == 0:
+        return routers
+    out = []
+    for router, experts in zip(routers, hot, strict=True):
+        assert router.bias is not None  # random routers always have one, as gpt-oss's do
+        bias = router.bias.clone()  # [E]
+        bias[experts] += bonus
+        out.append(RouterWeights(weight=router.weight, bias=bias.to(torch.bfloat16).to(torch.float32)))
+    return out
 
 
 def _stack_tensors(stack: ExpertStack, names_blocks: str, names_scales: str, dense_name: str,
@@ -164,8 +204,10 @@ def write_checkpoint(weights: ModelWeights, out_dir: str | Path, layout: str = H
 
 
 def make_tiny(out_dir: str | Path, preset_name: str = "tiny", layout: str = HF, as_mxfp4: bool = True,
-              seed: int = 0, max_shard_bytes: int | None = None) -> Path:
-    return write_checkpoint(random_weights(preset(preset_name), seed), out_dir, layout, as_mxfp4, max_shard_bytes)
+              seed: int = 0, max_shard_bytes: int | None = None, router_skew: float = 0.0) -> Path:
+    """`gptoss make-tiny`: router_skew is the hot experts' logit bonus (0: evenly routed, as before)."""
+    weights = random_weights(preset(preset_name), seed, router_skew)
+    return write_checkpoint(weights, out_dir, layout, as_mxfp4, max_shard_bytes)
 
 
 def default_random_model(cache_dir: str | Path | None = None, preset_name: str = "tiny", seed: int = 0) -> Path:

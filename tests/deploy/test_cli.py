@@ -146,6 +146,7 @@ def test_bench_local_and_cluster_in_one_run(ray_session, tiny_hf: Path, capsys: 
     cluster_rows = [r for r in report["results"] if r["engine"] == "cluster"]
     assert all(r["moe_wait_us_per_layer"] > 0 and r["data_plane_us_per_layer"] is not None for r in cluster_rows)
     assert all(r["router_us_per_layer"] > 0 and r["shard_us_per_layer"] > 0 for r in cluster_rows)
+    assert all(r["shard_imbalance"] >= 1.0 for r in cluster_rows)  # in every cluster row, as the JSON carries it
     assert [h["rows"] for h in report["hops"]] == [1, 4]
     assert all(0 < h["raw_us"] and 0 < h["framed_us"] for h in report["hops"])
     assert all(h["layer_path_us"] > 2 * h["raw_us"] for h in report["hops"])  # three hops take longer than one
