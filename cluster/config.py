@@ -30,6 +30,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = option("bfloat16", "weights and activations")
     expert_weights: Literal["dequantize", "mxfp4"] = option(
         "dequantize", "dequantize MXFP4 experts at load (fast) or keep them packed and decode on use (4x less memory)")
+    expert_cache_mb: int = option(0, "with --expert-weights mxfp4: MiB of decoded experts each process that holds "
+                                     "experts keeps, most recently used first (hot experts then skip decoding)", ge=0)
     device: str = option("cpu", "torch device of the local engine, e.g. cuda (cluster actors take GPUs through "
                                 "the gpus_per_* fractions)")
     vocab_dir: str | None = option(None, "directory holding o200k_base.tiktoken, for machines without network")
@@ -44,7 +46,7 @@ class ModelConfig:
     def source(self) -> ModelSource:
         if not self.model:
             raise ValueError("no model given (--model)")
-        return ModelSource(self.model, self.dtype, self.layout)
+        return ModelSource(self.model, self.dtype, self.layout, self.expert_cache_mb << 20)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class ModelSource:
     model: str  # directory or hub id; resolved on the actor's node
     dtype: str = "bfloat16"
     layout: str | None = None
+    expert_cache_bytes: int = 0  # decoded MXFP4 experts kept per process (weights.budget_decoded)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -27,6 +27,7 @@ from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
 from model_shards.loader import load_local_model
 from model_shards.moe import moe_block
+from model_shards.weights import budget_decoded
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class LocalExecutor(Executor):
         self.threads = threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         self.model = load_local_model(source.model, source.torch_dtype, keep_mxfp4, device, source.layout)
+        budget_decoded(self.model.weights.experts, source.expert_cache_bytes)
         self.config = self.model.config
         self.kv = kv
         self.num_replicas = 1

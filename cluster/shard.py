@@ -14,7 +14,7 @@ from cluster.names import ROUTER, SHARD_ROLE, replica_name
 from cluster.telemetry import Histogram, ShardStats
 from cluster.transport import Endpoint
 from model_shards.moe import run_experts
-from model_shards.weights import load_experts, move_to, prepare
+from model_shards.weights import budget_decoded, load_experts, move_to, prepare
 
 
 class ExpertShard:
@@ -29,6 +29,7 @@ class ExpertShard:
         with spec.source.open() as ckpt:
             self.config = ckpt.config
             self.weights = load_experts(ckpt, self.dtype, experts=spec.experts, keep_mxfp4=spec.keep_mxfp4)
+            budget_decoded(self.weights, spec.source.expert_cache_bytes)
             self.bytes_read = ckpt.bytes_read
         move_to(self.weights, self.device)
         prepare(self.weights)

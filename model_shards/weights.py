@@ -292,6 +292,14 @@ def load_experts(ckpt: Checkpoint, dtype: torch.dtype, experts: tuple[int, int] 
     return out
 
 
+def budget_decoded(experts: list[ExpertWeights], total_bytes: int) -> None:
+    """Share `total_bytes` of decoded-expert cache evenly over the packed MXFP4 stacks of `experts`
+    (each layer's gate_up and down); dense stacks need none."""
+    stacks = [s for w in experts for s in (w.gate_up, w.down) if isinstance(s, Mxfp4Stack)]
+    for stack in stacks:
+        stack.cache_bytes = total_bytes // len(stacks)
+
+
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, keep_mxfp4: bool = False) -> ModelWeights:
     """Every weight of the model, for the single-process engine."""
     return ModelWeights(

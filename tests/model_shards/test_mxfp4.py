@@ -44,3 +44,29 @@ def test_shape_errors() -> None:
         dequantize(torch.zeros(2, 15, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8))
     with pytest.raises(ValueError):
         quantize(torch.zeros(3, 33))
+
+
+def test_decoded_experts_are_cached_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--expert-cache-mb: hot packed experts are decoded once, the budget is shared by the stacks and
+    the least recently used matrix goes first; results never change."""
+    import model_shards.mxfp4 as mxfp4
+    from model_shards.weights import ExpertWeights, Mxfp4Stack, budget_decoded
+
+    blocks, scales = quantize(torch.randn(4 * 8, 64))  # 4 experts of [8, 64]
+    blocks, scales = blocks.view(4, 8, *blocks.shape[1:]), scales.view(4, 8, -1)
+    stack, other = Mxfp4Stack(blocks, scales), Mxfp4Stack(blocks.clone(), scales.clone())
+    budget_decoded([ExpertWeights(0, stack, torch.zeros(4, 8), other, torch.zeros(4, 8))], 2 * 2 * 8 * 64 * 4)
+    assert stack.cache_bytes == other.cache_bytes == 2 * 8 * 64 * 4  # two fp32 matrices each
+    decoded = []
+    real = mxfp4.dequantize
+    monkeypatch.setattr(mxfp4, "dequantize", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    first = stack.matrix(0, torch.float32)
+    assert torch.equal(stack.matrix(0, torch.float32), first) and len(decoded) == 1  # a hit: no decoding
+    stack.matrix(1, torch.float32)
+    stack.matrix(0, torch.float32)  # 0 is now the most recent
+    stack.matrix(2, torch.float32)  # evicts 1, the least recently used
+    stack.matrix(0, torch.float32)
+    assert len(decoded) == 3
+    stack.matrix(1, torch.float32)
+    assert len(decoded) == 4
+    assert torch.equal(stack.matrix(3, torch.float32), real(blocks[3], scales[3], torch.float32))
