@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from deploy.response_input import InputItem
 from model_shards.requests import InvalidRequest
 
 INT64 = 2**63 - 1
@@ -239,17 +240,6 @@ class CompletionRequest(SamplingFields):
 
 # -- responses -------------------------------------------------------------------------------------
 
-class InputText(Strict):
-    type: Literal["input_text", "output_text"]
-    text: str
-
-
-class InputMessage(Strict):
-    type: Literal["message"] = "message"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
-
-
 class Reasoning(Strict):
     effort: Literal["low", "medium", "high"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
@@ -292,7 +282,7 @@ class ResponsesTool(Strict):
 
 class ResponsesRequest(SamplingControls):
     model: str = Field(min_length=1, max_length=256)
-    input: str | Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_MESSAGES)]  # response_input.py
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=INT64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)

@@ -1,12 +1,13 @@
 """POST /v1/responses (which Ray Serve LLM lacks): the chain of thought as reasoning items, the answer
 as an output_text message and tool calls as function_call items, whole or as the SDK's event stream
 (deploy/response_events.py builds both from the same deltas). Responses are not stored, so
-`previous_response_id` is refused."""
+`previous_response_id` is refused: a client continues by sending back the earlier output items and
+its function_call_output items (deploy/response_input.py)."""
 
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
@@ -16,6 +17,7 @@ from deploy.generation import Generation
 from deploy.protocol import (ERROR_RESPONSES, IncompleteDetails, InputTokensDetails, OutputTokensDetails,
                              ReasoningSettings, ResponseObject, ResponsesRequest, ResponseUsage, parse_logit_bias)
 from deploy.response_events import ResponseBuilder, StreamEvent
+from deploy.response_input import chat_messages
 from deploy.service import ApiService, get_service
 from deploy.sse import STREAM_RESPONSE, sse_response
 from deploy.structured import answer_grammar
@@ -26,17 +28,14 @@ router = APIRouter()
 PARAM_NAMES = {"prompt": "input", "max_tokens": "max_output_tokens"}
 
 
-def _messages(req: ResponsesRequest) -> list[dict[str, str]]:
-    """The input as chat messages (role, content), for the harmony renderer."""
-    messages: list[dict[str, str]] = []
+def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The instructions and the input as chat messages, for the harmony renderer."""
+    messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "developer", "content": req.instructions})
     if isinstance(req.input, str):
         return messages + [{"role": "user", "content": req.input}]
-    for item in req.input:
-        content = item.content if isinstance(item.content, str) else "".join(p.text for p in item.content)
-        messages.append({"role": item.role, "content": content})
-    return messages
+    return messages + chat_messages(req.input)
 
 
 class ResponseRun:
