@@ -35,52 +35,42 @@ class ItemEvent(StreamEvent):  # response.output_item.added / done
     item: OutputItem
 
 
-class PartEvent(StreamEvent):  # response.content_part.added / done
+class InItem(StreamEvent):  # every event about one output item's content
     item_id: str
     output_index: int
-    content_index: int
+
+
+class InPart(InItem):  # ... and one content part of it
+    content_index: int = 0
+
+
+class PartEvent(InPart):  # response.content_part.added / done
     part: Union[OutputText, ReasoningText]
 
 
-class TextDelta(StreamEvent):  # response.output_text.delta (logprobs: not offered on this route)
-    item_id: str
-    output_index: int
-    content_index: int = 0
+class TextDelta(InPart):  # response.output_text.delta (logprobs: not offered on this route)
     delta: str
     logprobs: list[dict[str, object]] = []
 
 
-class TextDone(StreamEvent):  # response.output_text.done
-    item_id: str
-    output_index: int
-    content_index: int = 0
+class TextDone(InPart):  # response.output_text.done
     text: str
     logprobs: list[dict[str, object]] = []
 
 
-class ReasoningDelta(StreamEvent):  # response.reasoning_text.delta
-    item_id: str
-    output_index: int
-    content_index: int = 0
+class ReasoningDelta(InPart):  # response.reasoning_text.delta
     delta: str
 
 
-class ReasoningDone(StreamEvent):  # response.reasoning_text.done
-    item_id: str
-    output_index: int
-    content_index: int = 0
+class ReasoningDone(InPart):  # response.reasoning_text.done
     text: str
 
 
-class ArgumentsDelta(StreamEvent):  # response.function_call_arguments.delta
-    item_id: str
-    output_index: int
+class ArgumentsDelta(InItem):  # response.function_call_arguments.delta
     delta: str
 
 
-class ArgumentsDone(StreamEvent):  # response.function_call_arguments.done
-    item_id: str
-    output_index: int
+class ArgumentsDone(InItem):  # response.function_call_arguments.done
     name: str
     arguments: str
 
