@@ -65,16 +65,17 @@ class AttentionReplica:
             began = time.perf_counter()
             route: MoeRoute = ep.recv(ROUTER)
             _expect(route, step.step_id, layer, micro, "the router")
-            weighted = torch.empty(route.slots.shape[0], self.model.config.hidden_size, dtype=torch.float32)
-            offset, slowest = 0, 0.0
+            d = self.device  # answers arrive on the host (rings, TCP) or on this device (NCCL)
+            weighted = torch.empty(route.slots.shape[0], self.model.config.hidden_size, dtype=torch.float32, device=d)
+            slots, offset, slowest = route.slots.to(d), 0, 0.0
             for shard, count in zip(route.shards.tolist(), route.counts.tolist()):
                 part: ShardResult = ep.recv(shard_name(shard))
                 _expect(part, step.step_id, layer, micro, f"shard {shard}")
-                weighted[route.slots[offset:offset + count]] = part.weighted
+                weighted[slots[offset:offset + count]] = part.weighted.to(d)
                 offset, slowest = offset + count, max(slowest, part.compute_s)
             waited += time.perf_counter() - began
             shard_s += slowest
-            return combine(weighted.to(self.device), k, self.model.dtype)
+            return combine(weighted, k, self.model.dtype)
 
         sampled = run_micro_batched(self.model, self.kv, step, send, recv, self.histories)
         return StepResult(step.step_id, self.index, sampled, time.perf_counter() - start - waited, waited,
