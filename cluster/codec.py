@@ -21,7 +21,7 @@ import io
 import math
 import pickle
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,38 +127,25 @@ def encode_tensors(message: Any) -> tuple[bytes, list[torch.Tensor]]:
     return bytes((70, index, len(ranks), *ranks)) + _format(index, ranks).pack(*values), tensors  # 70 = "F"
 
 
-def tensor_specs(header: bytes | bytearray | memoryview) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    """(dtype, shape) of each tensor of the message whose header this is, in order."""
-    if header[0] == 80:  # "P"
-        return list(pickle.loads(memoryview(header)[1:])[0])
-    index, count = header[1], header[2]
-    ndims = tuple(header[3:3 + count])
-    values = _format(index, ndims).unpack_from(header, 3 + count)
-    specs, i, ranks = [], 0, iter(ndims)
-    for _, kind in _LAYOUTS[FAST_TYPES[index]][1]:
-        if kind == "t":
-            rank = next(ranks)
-            specs.append((DTYPES[values[i]], tuple(values[i + 1:i + 1 + rank])))
-            i += 1 + rank
-        else:
-            i += 1
-    return specs
+TensorSource = Callable[[torch.dtype, tuple[int, ...]], torch.Tensor]  # the next tensor, given its spec
 
 
-def assemble(header: bytes | bytearray | memoryview, tensors: list[torch.Tensor]) -> Any:
-    """The message from its header and its tensors (in tensor_specs order)."""
+def rebuild(header: bytes | bytearray | memoryview, tensor: TensorSource) -> Any:
+    """The message whose header this is, parsed once; `tensor(dtype, shape)` is asked for each of its
+    tensors in order (a view of a receive buffer, or a tensor received on its own)."""
     if header[0] == 80:  # "P"
-        _, body = pickle.loads(memoryview(header)[1:])
-        return _Unpickler(io.BytesIO(body), tensors).load()
+        specs, body = pickle.loads(memoryview(header)[1:])
+        return _Unpickler(io.BytesIO(body), [tensor(dtype, tuple(shape)) for dtype, shape in specs]).load()
     index, count = header[1], header[2]
     ndims = tuple(header[3:3 + count])
     values = _format(index, ndims).unpack_from(header, 3 + count)
     cls = FAST_TYPES[index]
-    fields, i, ranks, given = [], 0, iter(ndims), iter(tensors)
+    fields, i, ranks = [], 0, iter(ndims)
     for _, kind in _LAYOUTS[cls][1]:
         if kind == "t":
-            i += 1 + next(ranks)
-            fields.append(next(given))
+            rank = next(ranks)
+            fields.append(tensor(DTYPES[values[i]], tuple(values[i + 1:i + 1 + rank])))
+            i += 1 + rank
         else:
             fields.append(values[i])
             i += 1
@@ -168,9 +155,12 @@ def assemble(header: bytes | bytearray | memoryview, tensors: list[torch.Tensor]
 def decode(data: bytearray, header_len: int) -> Any:
     """Rebuild a message from one received buffer: header, then the tensors' padded bytes. The
     tensors view `data` (no copy)."""
-    header = memoryview(data)[:header_len]
-    offset, tensors = header_len, []
-    for dtype, shape in tensor_specs(header):
-        tensors.append(_tensor(data, offset, dtype, shape))
+    offset = header_len
+
+    def view(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal offset
+        t = _tensor(data, offset, dtype, shape)
         offset += padded(math.prod(shape) * dtype.itemsize)
-    return assemble(header, tensors)
+        return t
+
+    return rebuild(memoryview(data)[:header_len], view)

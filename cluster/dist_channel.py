@@ -30,7 +30,7 @@ import torch
 from torch.distributed import ProcessGroup, Store, Work
 
 from cluster.channels import StreamClosed, StreamTimeout, WAIT_SLICE_S
-from cluster.codec import assemble, encode_tensors, tensor_specs
+from cluster.codec import encode_tensors, rebuild
 
 BYE = -1  # in place of a header length: the sender closed its endpoint
 _ABANDONED: list[ProcessGroup] = []  # groups with receives still pending: destroying one would wait for them
@@ -144,9 +144,8 @@ class DistIn:
                 if length == BYE:
                     raise StreamClosed(f"{self.peer} closed its endpoint")
                 header = bytes(self._recv(torch.empty(length, dtype=torch.uint8, device=device)).cpu().numpy())
-                tensors = [self._recv(torch.empty(shape, dtype=dtype, device=device)) if 0 not in shape
-                           else torch.empty(shape, dtype=dtype) for dtype, shape in tensor_specs(header)]
-                self._put(assemble(header, tensors))
+                self._put(rebuild(header, lambda dtype, shape: self._recv(torch.empty(shape, dtype=dtype, device=device))
+                                  if 0 not in shape else torch.empty(shape, dtype=dtype)))
         except StreamClosed as exc:
             self._put(exc)
         except Exception as exc:  # a message that cannot be decoded: the plane is broken
