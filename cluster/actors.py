@@ -13,10 +13,13 @@ import os
 import ray
 import torch
 
+from cluster.eplb import ExpertPlacement
 from cluster.messages import ActorInfo
 from cluster.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE, member_name
 from cluster.roles import Role, Spec, make_role
-from cluster.telemetry import ReplicaStats, RouterStats, ShardStats
+from cluster.router import Router
+from cluster.shard import ExpertShard
+from cluster.telemetry import ExpertLoad, ReplicaStats, RouterStats, ShardStats
 from cluster.transport import Address, Endpoint, PlaneSpec, StreamClosed
 from model_shards.allocator import keep_freed_memory
 
@@ -72,6 +75,19 @@ class PlaneMember:
 
     def stats(self) -> ReplicaStats | RouterStats | ShardStats:
         return self.obj.stats()
+
+    # -- expert placement (rebalance.py): the router and the shards store it --------------------
+    def expert_load(self) -> ExpertLoad:
+        assert isinstance(self.obj, Router)
+        return self.obj.expert_load()
+
+    def stage(self, placement: ExpertPlacement) -> int:
+        assert isinstance(self.obj, ExpertShard)
+        return self.obj.stage(placement)
+
+    def adopt(self, placement: ExpertPlacement) -> None:
+        assert isinstance(self.obj, (Router, ExpertShard))
+        self.obj.adopt(placement)
 
 
 # One actor class per role, so that `ps`, Ray's dashboard and `ray list actors` name each process by

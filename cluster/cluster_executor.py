@@ -25,10 +25,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import REMOTE_MEMBERS
 from cluster.channels import remove_rings
 from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec, expert_bounds
+from cluster.eplb import initial_placement
 from cluster.executor import Executor, ExecutorFailure
 from cluster.messages import ActorInfo, ReplicaStep, RouterStep, StepResult
 from cluster.names import ENGINE, REPLICA_ROLE, ROUTER, ROUTER_ROLE, SHARD_ROLE, replica_name, shard_name
 from cluster.placement import bundle, connect_ray, release, reserve
+from cluster.rebalance import Rebalancer
 from cluster.roles import Spec
 from cluster.telemetry import ExecutorStats
 from cluster.dist_channel import GroupSpec
@@ -46,6 +48,12 @@ class ClusterExecutor(Executor):
         self.config = source.config()
         self.num_replicas = cluster.attention_replicas
         self.bounds = expert_bounds(self.config.num_experts, cluster.expert_shards, cluster.expert_split)
+        placement = initial_placement(self.bounds, cluster.redundant_experts, self.config.num_experts,
+                                      self.config.num_hidden_layers)
+        self.balancing = cluster.eplb_interval > 0
+        if cluster.redundant_experts and not self.balancing:
+            log.warning("--redundant-experts %d without --eplb-interval: the redundant slots stay empty until a "
+                        "rebalance is requested", cluster.redundant_experts)
         self._uid = uuid.uuid4().hex[:8]
         self._epoch = 0
         self.endpoint: Endpoint | None = None
@@ -56,9 +64,9 @@ class ClusterExecutor(Executor):
         members: list[tuple[str, str, Spec, float, dict[str, float]]] = [  # name, role, spec, GPUs, resources
             (replica_name(i), REPLICA_ROLE, ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
              c.gpus_per_attention_replica, c.attention_replica_resources) for i in range(c.attention_replicas)]
-        members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, self.bounds, c.gpus_per_router > 0),
+        members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0),
                         c.gpus_per_router, c.router_resources))
-        members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], keep_mxfp4,
+        members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], placement.shard(j), keep_mxfp4,
                                                           c.gpus_per_expert_shard > 0),
                      c.gpus_per_expert_shard, c.expert_shard_resources) for j in range(len(self.bounds))]
         connect_ray(ray_address, len(members) * c.cpus_per_actor)
@@ -73,6 +81,8 @@ class ClusterExecutor(Executor):
             ).remote(role, spec, threads)
             for i, (name, role, spec, gpus, extra) in enumerate(members)
         }
+        self.balancer = Rebalancer(placement, c.eplb_interval, self.actors[ROUTER],
+                                   [self.actors[shard_name(j)] for j in range(len(self.bounds))])
         try:
             self._wait_ready(c.recovery_timeout_s)
             self._start_plane()
@@ -165,7 +175,8 @@ class ClusterExecutor(Executor):
             busy = [r for r, s in sorted(steps.items()) if s.chunks]
             if busy:
                 micro = [steps[r].micro_batches for r in busy]
-                self.endpoint.send(ROUTER, RouterStep(steps[busy[0]].step_id, busy, micro), timeout=timeout)
+                header = RouterStep(steps[busy[0]].step_id, busy, micro, self.balancer.before_step())
+                self.endpoint.send(ROUTER, header, timeout=timeout)
             for r, step in steps.items():
                 self.endpoint.send(replica_name(r), step, timeout=timeout)
             pending = {replica_name(r): r for r in steps}
@@ -224,6 +235,7 @@ class ClusterExecutor(Executor):
                 pass
         self._wait_ready(self.cluster.recovery_timeout_s)
         ray.get([self.actors[replica_name(i)].reset.remote() for i in range(self.num_replicas)])
+        self.balancer.after_recovery()
         remove_rings(f"gptoss-{self._uid}-{self._epoch}-")
         self._start_plane()
         self.restarts += 1
@@ -239,7 +251,10 @@ class ClusterExecutor(Executor):
         names = [*replicas, ROUTER, *shards]
         values = ray.get([self.actors[n].stats.remote() for n in names], timeout=30)  # in `names` order
         r = len(replicas)
-        return ExecutorStats(tuple(values[:r]), values[r], tuple(values[r + 1:]), self.restarts)
+        return ExecutorStats(tuple(values[:r]), values[r], tuple(values[r + 1:]), self.restarts, self.balancer.switches)
+
+    def rebalance(self) -> bool:
+        return self.balancer.rebalance_now()
 
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", {}).values():  # first: a closed endpoint would end their loops

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from cluster.eplb import ExpertPlacement
 from cluster.options import check_options, option
 from model_shards.checkpoint import Checkpoint
 from model_shards.config import GptOssConfig
@@ -106,6 +107,12 @@ class ClusterConfig:
                 "shared memory within a node, TCP between nodes; the others force one kind (gloo: "
                 "torch.distributed on CPU; nccl: fail rather than fall back)")
     ring_mb: int = option(8, "MiB per shared-memory channel (larger messages stream through it)", ge=1)
+    redundant_experts: int = option(0, "extra expert slots per layer, spread over the shards, each holding a copy of "
+                                       "a hot expert once rebalancing has placed one (needs 2+ shards)", ge=0)
+    eplb_interval: int = option(0, "steps between expert rebalances, computed from the recent routed counts "
+                                   "(0: never on its own; `gptoss bench` rebalances once after warm-up when set)",
+                                ge=0)
+    eplb_window: int = option(1000, "steps of routed counts a rebalance looks at", ge=1)
     micro_batches: int = option(1, "groups a replica splits each step's chunks into, computing attention of one "
                                    "while the MoE of another is away (results do not depend on it)", ge=1, le=8)
     step_timeout_s: float = option(60.0, "seconds before a step counts as hung", gt=0)
@@ -187,7 +194,8 @@ class ReplicaSpec:
 @dataclass(frozen=True)
 class RouterSpec:
     source: ModelSource
-    shard_bounds: tuple[tuple[int, int], ...]  # experts [a, b) of each shard, in shard order
+    placement: ExpertPlacement  # where each layer's experts are at start (eplb.py)
+    window: int = 1000  # steps of per-expert counts kept for rebalancing
     use_gpu: bool = False
 
 
@@ -195,6 +203,7 @@ class RouterSpec:
 class ShardSpec:
     source: ModelSource
     index: int
-    experts: tuple[int, int]
+    experts: tuple[int, int]  # its home range [a, b): what the topology shows
+    slots: tuple[tuple[int, ...], ...]  # [L][S] the experts it loads at start (the range and its redundant copies)
     keep_mxfp4: bool = False
     use_gpu: bool = False

@@ -40,6 +40,7 @@ class Executor(ABC):
     config: GptOssConfig
     kv: KVSpec  # capacity of each attention replica
     num_replicas: int
+    balancing: bool = False  # rebalances experts while serving (--eplb-interval): the cluster only
 
     @abstractmethod
     def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
@@ -54,6 +55,11 @@ class Executor(ABC):
 
     @abstractmethod
     def stats(self) -> ExecutorStats: ...
+
+    def rebalance(self) -> bool:
+        """Place experts by the recent routed load now (staged when this returns, switched at the next
+        step). -> whether the placement changes. The local engine holds every expert: never."""
+        return False
 
     def enter_thread(self) -> None:
         """Called by the thread that will run execute() (the engine's loop), before its first step."""

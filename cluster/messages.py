@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.eplb import ExpertPlacement
 from model_shards.kv_cache import BlockUpdate
 from model_shards.sampling import SamplingParams
 
@@ -88,6 +89,7 @@ class RouterStep:
     step_id: int
     replicas: list[int]  # replicas with tokens this step, in the order the router reads them
     micro: list[int]  # how many micro-batches each of them splits its chunks into (same order)
+    placement: ExpertPlacement | None = None  # a new expert placement, from this step on (the shards have it staged)
 
 
 @dataclass
@@ -105,10 +107,11 @@ class ShardRequest:
     micro: int
     x: torch.Tensor  # [R, H] the distinct token rows this shard needs
     token_index: torch.Tensor  # [N] row of x for each assignment
-    expert_ids: torch.Tensor  # [N] global expert id of each assignment (inside the shard's range)
+    expert_slots: torch.Tensor  # [N] the slot of the shard's expert stack serving each assignment
     gates: torch.Tensor  # [N] fp32 routing weight of each assignment (exact: the router computes it in the model dtype)
     replicas: torch.Tensor  # [P] int64: the replicas these assignments belong to, in RouterStep order
     counts: torch.Tensor  # [P] int64: how many of the N (which are token-major) belong to each
+    placement: int = 0  # the expert placement version the slots refer to
 
 
 @dataclass

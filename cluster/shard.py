@@ -1,20 +1,39 @@
-"""The expert shard: experts [a, b) of every layer, read as a slice of the checkpoint; computes the
+"""The expert shard: the experts of its slots in every layer (its range [a, b), plus redundant copies
+and whatever a rebalance moved here: eplb.py), read as slices of the checkpoint; computes the
 gate-weighted clamped-SwiGLU outputs of the assignments the router sends it and answers the replicas
-they belong to directly."""
+they belong to directly.
+
+Placements: the shard holds the current one and at most one staged next one. `stage` (a control call,
+on another thread of the actor while the loop serves) reads only the newly assigned slices and builds
+the new stacks; the first request that names the staged version switches to it, at a step boundary
+(the router switches there, and every request of a step names the same version)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 from cluster.config import ShardSpec, actor_device
+from cluster.eplb import ExpertPlacement
 from cluster.messages import ShardRequest, ShardResult
 from cluster.names import ROUTER, SHARD_ROLE, replica_name
 from cluster.telemetry import Histogram, ShardStats
 from cluster.transport import Endpoint
+from model_shards.expert_slots import read_slots, restack
 from model_shards.moe import run_experts
-from model_shards.weights import budget_decoded, load_experts, move_to, prepare
+from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare
+
+
+@dataclass
+class Holding:
+    """One placement's experts on this shard."""
+
+    version: int
+    slots: tuple[tuple[int, ...], ...]  # [L][S] the expert in each slot
+    weights: list[ExpertWeights]  # [L] stacks in slot order
 
 
 class ExpertShard:
@@ -26,26 +45,76 @@ class ExpertShard:
         self.experts = spec.experts
         self.device = actor_device(spec.use_gpu)
         self.dtype = spec.source.torch_dtype
+        self.bytes_read = self.slices_read = 0
+        self.assignments = 0  # routed assignments computed since start
         with spec.source.open() as ckpt:
             self.config = ckpt.config
-            self.weights = load_experts(ckpt, self.dtype, experts=spec.experts, keep_mxfp4=spec.keep_mxfp4)
-            budget_decoded(self.weights, spec.source.expert_cache_bytes)
-            self.bytes_read = ckpt.bytes_read
-        move_to(self.weights, self.device)
-        prepare(self.weights)
+            weights = [read_slots(ckpt, self.dtype, layer, ids, spec.keep_mxfp4) for layer, ids in enumerate(spec.slots)]
+            self.bytes_read += ckpt.bytes_read
+        self.slices_read += sum(map(len, spec.slots))
+        self.current = self._ready(Holding(0, spec.slots, weights))
+        self.staged: Holding | None = None
+        self._staging = threading.Lock()  # one stage at a time
         self.step = Histogram()  # compute time per request (one layer of one micro-batch)
+
+    def _ready(self, h: Holding) -> Holding:
+        move_to(h.weights, self.device)
+        prepare(h.weights)
+        budget_decoded(h.weights, self.spec.source.expert_cache_bytes)
+        return h
 
     def reset(self) -> None:
         """Stateless between messages."""
 
+    def stage(self, placement: ExpertPlacement) -> int:
+        """Build this shard's part of `placement` beside the current one, reading only the slices it
+        does not hold. -> how many (layer, expert) slices were read."""
+        with self._staging:
+            slots = placement.shard(self.index)
+            base = self.current
+            if base.slots == slots:
+                self.staged = Holding(placement.version, base.slots, base.weights)
+                return 0
+            read = 0
+            weights = []
+            with self.spec.source.open() as ckpt:
+                for layer, (held_ids, new_ids) in enumerate(zip(base.slots, slots)):
+                    if held_ids == new_ids:
+                        weights.append(base.weights[layer])
+                        continue
+                    stack, n = restack(base.weights[layer], held_ids, new_ids,
+                                       lambda ids: read_slots(ckpt, self.dtype, layer, ids, self.spec.keep_mxfp4))
+                    weights.append(stack)
+                    read += n
+                self.bytes_read += ckpt.bytes_read
+            self.slices_read += read
+            self.staged = self._ready(Holding(placement.version, slots, weights))
+            return read
+
+    def adopt(self, placement: ExpertPlacement) -> int:
+        """Stage `placement` and hold it now (recovery: the loop is stopped)."""
+        read = self.stage(placement)
+        self._switch(placement.version)
+        return read
+
+    def _switch(self, version: int) -> None:
+        staged = self.staged
+        if staged is None or staged.version != version:
+            raise RuntimeError(f"shard {self.index} holds placement {self.current.version} and has "
+                               f"{'nothing' if staged is None else staged.version} staged; a request needs {version}")
+        self.current, self.staged = staged, None
+
     def compute(self, req: ShardRequest) -> list[tuple[int, ShardResult]]:
         """-> (replica, its part of the answer), in the request's replica order."""
+        if req.placement != self.current.version:
+            self._switch(req.placement)
         start = time.perf_counter()
         d = self.device
-        weighted = run_experts(req.x.to(d, self.dtype), req.token_index.to(d), req.expert_ids.to(d), req.gates.to(d),
-                               self.weights[req.layer], self.config)
+        weighted = run_experts(req.x.to(d, self.dtype), req.token_index.to(d), req.expert_slots.to(d),
+                               req.gates.to(d), self.current.weights[req.layer], self.config)
         elapsed = time.perf_counter() - start
         self.step.observe(elapsed)
+        self.assignments += req.expert_slots.shape[0]
         parts = torch.split(weighted, req.counts.tolist())  # assignments are token-major: one run per replica
         return [(r, ShardResult(req.step_id, req.layer, req.micro, part, elapsed))
                 for r, part in zip(req.replicas.tolist(), parts)]
@@ -56,4 +125,5 @@ class ExpertShard:
                 ep.send(replica_name(r), part)
 
     def stats(self) -> ShardStats:
-        return ShardStats(self.bytes_read, self.step.snapshot())
+        return ShardStats(self.bytes_read, self.step.snapshot(), self.current.version, self.slices_read,
+                          self.assignments, self.current.slots)

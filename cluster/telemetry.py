@@ -12,6 +12,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 # seconds: from sub-millisecond CPU steps of tiny models to multi-second prefills
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -50,12 +52,26 @@ class RouterStats:
     # receives; what a replica waits for the MoE beyond this and the slowest shard's compute
     # (StepResult.shard_s) is the data plane (the benchmark reports it)
     route_s: float
+    placement: int = 0  # the version of the expert placement it routes by
+    recent_shard_tokens: tuple[tuple[int, ...], ...] = ()  # [L][M] as shard_tokens, over the last --eplb-window steps
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """The router's recent per-expert counts, which a rebalance places experts by."""
+
+    steps: int  # steps counted (up to --eplb-window)
+    counts: np.ndarray  # [L, E] routed assignments per layer and expert over those steps
 
 
 @dataclass(frozen=True)
 class ShardStats:
     bytes_read: int | None  # checkpoint bytes this shard read for its slice (None: the local executor's experts)
     step: HistogramSnapshot  # compute time of one layer's rows (one micro-batch's)
+    placement: int = 0  # the version of the expert placement it holds (eplb.py)
+    slices_read: int = 0  # (layer, expert) slices read from the checkpoint since start
+    assignments: int = 0  # routed assignments computed since start
+    slots: tuple[tuple[int, ...], ...] = ()  # [L][S] the expert in each of its slots
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,7 @@ class ExecutorStats:
     router: RouterStats
     shards: tuple[ShardStats, ...]  # the local executor: one, every expert in its process
     recoveries: int = 0
+    rebalances: int = 0  # expert placement switches since start (rebalance.py)
 
 
 @dataclass(frozen=True)

@@ -97,10 +97,22 @@ class EngineCollector(Collector):
             for layer, value in enumerate(per_layer):
                 imbalance.add_metric([self.model_name, str(layer)], value)
             imbalance.add_metric([self.model_name, "all"], overall)
+        recent = GaugeMetricFamily("gptoss_expert_recent_shard_imbalance",
+                                   "busiest expert shard's routed load over the mean, whole pass, over the last "
+                                   "--eplb-window steps (what a rebalance looks at and should bring down)",
+                                   labels=["model_name"])
+        rebalances = CounterMetricFamily("gptoss_expert_rebalances", "expert placement switches since start",
+                                         labels=["model_name"])
+        if stats is not None:
+            if stats.router.recent_shard_tokens:
+                recent.add_metric(name, shard_imbalance(stats.router.recent_shard_tokens)[1])
+            rebalances.add_metric(name, float(stats.rebalances))
         yield experts
         yield steps
         yield shard_tokens
         yield imbalance
+        yield recent
+        yield rebalances
 
 
 def _cumulative(hist: HistogramSnapshot) -> list[tuple[str, float]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import main
+from model_shards.random_checkpoint import make_tiny
 
 PROMPT = "101,2002,30003,4004,505"
 
@@ -153,9 +154,26 @@ def test_bench_local_and_cluster_in_one_run(ray_session, tiny_hf: Path, capsys: 
     assert [o["batch_size"] for o in report["cluster_overhead"]] == [1, 4]
 
 
+def test_bench_rebalances_a_skewed_model_beside_the_initial_placement(
+        ray_session, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hot experts 0-3 all start on shard 0; the +eplb row runs after a rebalance by the routed load."""
+    skewed = make_tiny(tmp_path / "skewed", "tiny", "hf", True, seed=0, router_skew=8.0)
+    assert main(["bench", "--model", str(skewed), "--engine", "cluster", "--expert-shards", "2",
+                 "--redundant-experts", "2", "--eplb-interval", "100", "--batch-sizes", "8", "--steps", "3",
+                 "--input-len", "8", "--dtype", "float32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["engine"]: r for r in report["results"]}
+    assert sorted(rows) == ["cluster", "cluster+eplb"]
+    assert rows["cluster"]["shard_imbalance"] > 1.9
+    assert rows["cluster+eplb"]["shard_imbalance"] <= 1.25
+
+
 def test_bad_cluster_arguments_are_clear_errors(tiny_hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--engine", "cluster",
                  "--expert-shards", "17", "--json"]) == 2
     assert "between 1 and the number of experts" in last_json(capsys.readouterr().out)["error"]["message"]
+    assert main(["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--engine", "cluster",
+                 "--redundant-experts", "2", "--json"]) == 2
+    assert "at least 2 expert shards" in last_json(capsys.readouterr().out)["error"]["message"]
     assert main(["generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--engine", "nope", "--json"]) == 2
     assert "engine must be one of" in last_json(capsys.readouterr().out)["error"]["message"]

@@ -21,7 +21,8 @@ METRICS = ["gptoss_time_to_first_token_seconds", "gptoss_inter_token_latency_sec
            "gptoss_e2e_request_latency_seconds", "gptoss_request_queue_time_seconds", "gptoss_prompt_tokens_total",
            "gptoss_generation_tokens_total", "gptoss_requests_total", "gptoss_expert_tokens_total",
            "gptoss_num_requests_running", "gptoss_num_requests_waiting", "gptoss_kv_cache_usage_ratio",
-           "gptoss_expert_shard_step_seconds", "gptoss_expert_shard_tokens_total", "gptoss_expert_shard_imbalance"]
+           "gptoss_expert_shard_step_seconds", "gptoss_expert_shard_tokens_total", "gptoss_expert_shard_imbalance",
+           "gptoss_expert_recent_shard_imbalance", "gptoss_expert_rebalances_total"]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,8 @@ def test_metrics_are_all_there_and_move(server: str, sdk) -> None:
     assert len(metric_values(after, "gptoss_expert_shard_tokens_total")) == 2
     imbalance = metric_values(after, "gptoss_expert_shard_imbalance")
     assert len(imbalance) == 4 + 1 and all(v >= 1.0 for v in imbalance.values())  # 4 layers and the whole pass
+    assert list(metric_values(after, "gptoss_expert_recent_shard_imbalance").values())[0] >= 1.0
+    assert list(metric_values(after, "gptoss_expert_rebalances_total").values()) == [0.0]  # --eplb-interval is off
 
 
 def test_bench_serve_against_the_server(server: str, capsys: pytest.CaptureFixture[str]) -> None:
