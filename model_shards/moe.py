@@ -30,12 +30,16 @@ def route(t: torch.Tensor, w: RouterWeights, k: int) -> tuple[torch.Tensor, torc
 
 
 def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    """[N, 2I] -> [N, I]. Columns interleave gate (even) and up (odd). The gate is clamped only
-    from above; up is clamped on both sides and shifted by +1."""
-    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+    """[N, 2I] any float dtype -> [N, I] fp32. Columns interleave gate (even) and up (odd). The gate
+    is clamped only from above; up is clamped on both sides and shifted by +1.
+
+    Each half is converted to fp32 once and the rest works in place: the same products in the same
+    order as gate * sigmoid(alpha * gate) * (up + 1) on an fp32 copy (bit-identical), at one pass
+    over memory per op instead of a fresh tensor each (measured on the 2-core VM, 256 rows of the
+    small preset: 410 -> 300 us). The input is never written."""
+    gate = gate_up[..., 0::2].to(torch.float32, copy=True).clamp_(max=limit)
+    up = gate_up[..., 1::2].to(torch.float32, copy=True).clamp_(min=-limit, max=limit).add_(1)
+    return torch.sigmoid(gate * alpha).mul_(gate).mul_(up)
 
 
 def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
@@ -62,10 +66,10 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
             sizes = [n for _, n in segments]
             h = torch.cat([w.gate_up.apply(e - w.first, part, w.gate_up_bias[e - w.first])
                            for (e, _), part in zip(segments, rows.split(sizes))])  # [n, 2I]
-            act = swiglu(h.to(torch.float32), cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [n, I]
+            act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [n, I]
             y = torch.cat([w.down.apply(e - w.first, part, w.down_bias[e - w.first])
                            for (e, _), part in zip(segments, act.split(sizes))])  # [n, H]
-        out[sel] = y.to(torch.float32) * gates[sel].to(torch.float32)[:, None]
+        out[sel] = y * gates[sel].to(torch.float32)[:, None]  # promoted to fp32 in the product: no copy of y first
     return out
 
 
@@ -91,7 +95,7 @@ def batched_experts(rows: torch.Tensor, segments: list[tuple[int, int]], w: Expe
     padded = rows.new_zeros(w.count * m, rows.shape[1])
     padded[slots] = rows
     h = torch.baddbmm(w.gate_up_bias[:, None, :], padded.view(w.count, m, -1), w.gate_up.weight.transpose(1, 2))
-    act = swiglu(h.to(torch.float32), cfg.swiglu_limit, cfg.swiglu_alpha).to(rows.dtype)  # [E, m, I]
+    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(rows.dtype)  # [E, m, I]
     y = torch.baddbmm(w.down_bias[:, None, :], act, w.down.weight.transpose(1, 2))  # [E, m, H]
     return y.view(w.count * m, -1)[slots]
 

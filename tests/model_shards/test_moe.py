@@ -18,6 +18,20 @@ def test_swiglu_clamps_and_interleave() -> None:
     assert torch.allclose(out[2], 1 * sig(torch.tensor(1.702)) * 1.5)
 
 
+def test_swiglu_in_place_is_the_reference_formula_bit_for_bit_and_leaves_its_input() -> None:
+    def reference(h: torch.Tensor) -> torch.Tensor:  # the plain formula on an fp32 copy
+        h = h.to(torch.float32)
+        gate, up = h[..., 0::2].clamp(max=7.0), h[..., 1::2].clamp(min=-7.0, max=7.0)
+        return gate * torch.sigmoid(1.702 * gate) * (up + 1)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        h = (torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * 5).to(dtype)
+        before = h.clone()
+        out = swiglu(h, 7.0, 1.702)
+        assert out.dtype == torch.float32 and torch.equal(out, reference(h))
+        assert torch.equal(h, before)
+
+
 def test_top4_before_softmax() -> None:
     w = RouterWeights(weight=torch.eye(6), bias=torch.zeros(6))
     t = torch.tensor([[0.0, 5.0, 1.0, 4.0, 3.0, 2.0]])
