@@ -69,7 +69,10 @@ class Rebalancer:
             self._load_ref = self.router.expert_load.remote()
         if self._load_ref is not None and _ready([self._load_ref]):
             ref, self._load_ref = self._load_ref, None
-            self._stage(ray.get(ref).counts)
+            try:
+                self._stage(ray.get(ref).counts)
+            except Exception as exc:  # the router died: the step notices and recovers; try again later
+                log.warning("no expert load to rebalance by: %s", exc)
         return self._switch() if self._staging is not None and _ready(self._staging.refs) else None
 
     def rebalance_now(self) -> bool:
