@@ -22,6 +22,7 @@ from cluster.messages import ShardRequest, ShardResult
 from cluster.names import ROUTER, SHARD_ROLE, replica_name
 from cluster.telemetry import Histogram, ShardStats
 from cluster.transport import Endpoint
+from model_shards.checkpoint import Checkpoint
 from model_shards.expert_slots import read_slots, restack
 from model_shards.moe import run_experts
 from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare
@@ -83,13 +84,19 @@ class ExpertShard:
                         weights.append(base.weights[layer])
                         continue
                     stack, n = restack(base.weights[layer], held_ids, new_ids,
-                                       lambda ids: read_slots(ckpt, self.dtype, layer, ids, self.spec.keep_mxfp4))
+                                       lambda ids: self._read(ckpt, layer, ids))
                     weights.append(stack)
                     read += n
                 self.bytes_read += ckpt.bytes_read
             self.slices_read += read
             self.staged = self._ready(Holding(placement.version, slots, weights))
             return read
+
+    def _read(self, ckpt: Checkpoint, layer: int, ids: list[int]) -> ExpertWeights:
+        """New slices, on this shard's device (where the stacks they join live)."""
+        w = read_slots(ckpt, self.dtype, layer, ids, self.spec.keep_mxfp4)
+        move_to(w, self.device)
+        return w
 
     def adopt(self, placement: ExpertPlacement) -> int:
         """Stage `placement` and hold it now (recovery: the loop is stopped)."""

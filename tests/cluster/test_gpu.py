@@ -61,3 +61,32 @@ def test_nccl_between_actors_with_whole_gpus(ray_session, tiny_hf: Path, cpu_tok
                            gpus_per_expert_shard=1, gpus_per_router=1, transport="nccl", step_timeout_s=120)
     executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV)
     assert greedy_tokens(Engine(executor)) == cpu_tokens
+
+
+@pytest.mark.gpu
+def test_a_shard_on_the_gpu_stages_a_new_placement(tiny_hf: Path) -> None:
+    """Rebalancing on a GPU shard: the slices it reads join the stacks it holds on the device, and
+    its answers match a CPU shard holding the same experts."""
+    import torch
+
+    from cluster.config import ShardSpec
+    from cluster.eplb import balanced_placement, initial_placement
+    from cluster.messages import ShardRequest
+    from cluster.shard import ExpertShard
+
+    source = ModelSource(str(tiny_hf), "float32")
+    cfg = source.config()
+    start = initial_placement(((0, 8), (8, 16)), 2, cfg.num_experts, cfg.num_hidden_layers)
+    load = torch.ones(cfg.num_hidden_layers, cfg.num_experts)
+    load[:, :4] = 100
+    new = balanced_placement(load.numpy(), start)
+    shards = [ExpertShard(ShardSpec(source, 0, (0, 8), start.shard(0), use_gpu=gpu)) for gpu in (True, False)]
+    for shard in shards:
+        assert shard.adopt(new) > 0
+    slots = len(new.shard(0)[0])
+    x = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    request = ShardRequest(1, 0, 0, x, torch.tensor([0, 1, 2]), torch.tensor([0, slots - 1, 1]),
+                           torch.tensor([0.5, 0.25, 1.0]), torch.tensor([0]), torch.tensor([3]), new.version)
+    (_, on_gpu), (_, on_cpu) = (shard.compute(request)[0] for shard in shards)
+    assert shards[0].current.weights[0].gate_up_bias.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.weighted.cpu(), on_cpu.weighted, rtol=1e-4, atol=1e-4)
