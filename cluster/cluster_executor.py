@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import REMOTE_MEMBERS
 from cluster.channels import remove_rings
-from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec, expert_bounds
+from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec
 from cluster.eplb import initial_placement
 from cluster.executor import Executor, ExecutorFailure
 from cluster.messages import ActorInfo, ReplicaStep, RouterStep, StepResult
@@ -47,7 +47,7 @@ class ClusterExecutor(Executor):
         self.source, self.cluster, self.kv = source, cluster, kv
         self.config = source.config()
         self.num_replicas = cluster.attention_replicas
-        self.bounds = expert_bounds(self.config.num_experts, cluster.expert_shards, cluster.expert_split)
+        self.bounds, _ = cluster.expert_layout(self.config.num_experts)
         placement = initial_placement(self.bounds, cluster.redundant_experts, self.config.num_experts,
                                       self.config.num_hidden_layers)
         self.balancing = cluster.eplb_interval > 0

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from cluster.eplb import ExpertPlacement
+from cluster.eplb import ExpertPlacement, slot_counts
 from cluster.options import check_options, option
 from model_shards.checkpoint import Checkpoint
 from model_shards.config import GptOssConfig
@@ -121,6 +121,12 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+    def expert_layout(self, num_experts: int) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+        """-> ([a, b) per shard, slots per shard) for a model with `num_experts` experts; raises
+        ValueError for a layout that cannot work (checked before anything starts)."""
+        bounds = expert_bounds(num_experts, self.expert_shards, self.expert_split)
+        return bounds, slot_counts(bounds, self.redundant_experts, num_experts)
 
 
 def expert_bounds(num_experts: int, shards: int, split: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:

@@ -67,8 +67,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     launch = LaunchOptions(**read_options(args, [LaunchOptions]))
     check_port_free(launch.host, launch.port)
     if config.model.model is not None:
-        with config.model.source().open():  # a checkpoint that cannot be read fails here, in one line
-            pass
+        with config.model.source().open() as ckpt:  # a checkpoint that cannot be read fails here, in one line
+            if config.engine.engine == "cluster":  # and so do expert shards the model cannot be split into
+                config.cluster.expert_layout(ckpt.config.num_experts)
     if not launch.ray_address and os.environ.get(_SESSION_CHILD) != "1":
         return run_in_own_session(argv)
     return serve_here(config, launch)

@@ -1,6 +1,6 @@
-"""A real `gptoss serve` process as operators and supervisors treat it: a busy port, a missing model,
-SIGTERM to the whole process group, the API key from the environment, client disconnects, request
-ids through Ray Serve's proxy."""
+"""A real `gptoss serve` process as operators and supervisors treat it: a busy port, a missing model, an
+impossible expert layout, SIGTERM to the whole process group, the API key from the environment, client
+disconnects, request ids through Ray Serve's proxy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.deploy.conftest import free_port
 
@@ -45,6 +46,18 @@ def test_a_missing_model_is_one_line_at_once(vocab: Path, tmp_path: Path) -> Non
     assert run.returncode == 2 and time.monotonic() - started < 20
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "neither an existing directory nor" in lines[0], run.stderr
+
+
+@pytest.mark.parametrize("flags, says", [(["--expert-shards", "17"], "between 1 and the number of experts"),
+                                         (["--redundant-experts", "2"], "at least 2 expert shards")])
+def test_an_impossible_expert_layout_is_one_line_before_ray_starts(tiny_hf: Path, vocab: Path, flags: list[str],
+                                                                   says: str) -> None:
+    started = time.monotonic()
+    run = subprocess.run([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--model", str(tiny_hf), "--engine",
+                          "cluster", *flags, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and time.monotonic() - started < 20
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0], run.stderr
 
 
 def test_sigterm_to_the_process_group_drains(tiny_hf: Path, vocab: Path, tmp_path: Path) -> None:
