@@ -1,12 +1,13 @@
 """Rebalancing while serving: the one owner of a running cluster's expert placement (eplb.py).
 
 Every `--eplb-interval` steps (or on request) it reads the router's recent per-expert counts,
-computes the next placement, and has every shard stage it: each reads only its newly assigned slices,
-on another thread of its actor, while steps go on. Once every shard has it, the next step's RouterStep
-carries it: the router routes by it from that step on and the shards switch when its first request
-names it. Nothing waits for the reads, so no request pauses; copies compute the same function, so no
-output changes. After a recovery every actor adopts the current placement (a restarted shard reads
-its slices again, a staged placement is dropped and comes again at the next interval).
+computes the next placement and, when that cuts the imbalance by 5% or more, has every shard stage
+it: each reads only its newly assigned slices, on another thread of its actor, while steps go on.
+Once every shard has it, the next step's RouterStep carries it: the router routes by it from that
+step on and the shards switch when its first request names it. Nothing waits for the reads, so no
+request pauses; copies compute the same function, so no output changes. After a recovery every
+actor adopts the current placement (a restarted shard reads its slices again, a staged placement is
+dropped and comes again at the next interval).
 
 All calls come from the engine's thread, except `request`, which any thread may make.
 """
@@ -26,6 +27,9 @@ from cluster.eplb import ExpertPlacement, balanced_placement, predicted_imbalanc
 log = logging.getLogger(__name__)
 
 ROUTER_LOAD = "router"  # a request without a load of its own: the router's window
+# a new placement must cut the imbalance (by the same load) by this share, else the reads and the
+# copies are not worth it: an evenly routed model would otherwise move experts at every interval
+MIN_GAIN = 0.05
 
 
 @dataclass
@@ -91,11 +95,12 @@ class Rebalancer:
         if not load.any():
             return
         new = balanced_placement(load, self.placement)
-        if new.layers == self.placement.layers:
+        now, then = predicted_imbalance(load, self.placement), predicted_imbalance(load, new)
+        if new.layers == self.placement.layers or then > now * (1 - MIN_GAIN):
+            log.debug("expert placement kept: imbalance %.3f, a new one would give %.3f", now, then)
             return
         log.info("rebalancing experts: placement %d, imbalance %.2f -> %.2f (by %d routed assignments)",
-                 new.version, predicted_imbalance(load, self.placement), predicted_imbalance(load, new),
-                 int(load.sum()))
+                 new.version, now, then, int(load.sum()))
         self._staging = Staging(new, [s.stage.remote(new) for s in self.shards])
 
     def _switch(self) -> ExpertPlacement | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.config import ClusterConfig, KVSpec, ModelSource
+from cluster.config import ClusterConfig, EngineConfig, KVSpec, ModelSource
 from cluster.engine import Engine
 from cluster.eplb import ExpertPlacement, balanced_placement, moved
 from cluster.executor import LocalExecutor
@@ -50,7 +50,8 @@ def cluster(ray_session, skewed: Path):
 
     # rebalancing on request only, so that the test knows every placement (test 2 turns the interval on)
     config = ClusterConfig(expert_shards=SHARDS, redundant_experts=2, micro_batches=2, step_timeout_s=3.0)
-    engine = Engine(ClusterExecutor(ModelSource(str(skewed), "float32"), config, KV))
+    # no prefix caching: every test's tokens are all computed, so the counts below are exact
+    engine = Engine(ClusterExecutor(ModelSource(str(skewed), "float32"), config, KV), EngineConfig(prefix_caching=False))
     yield engine
     engine.shutdown()
 
@@ -59,6 +60,13 @@ def hot_load(cfg, hot: list[int]) -> np.ndarray:
     load = np.ones((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)
     load[:, hot] = 100
     return load
+
+
+def one_shard_hot(engine: Engine) -> np.ndarray:
+    """A load whose four hot experts all live on shard 0 only (in the current placement, whose layers
+    are alike here): a rebalance by it certainly moves experts."""
+    cfg, slots = engine.executor.config, engine.executor.balancer.placement.layers[0]
+    return hot_load(cfg, [e for e in slots[0] if all(e not in other for other in slots[1:])][:4])
 
 
 def wait_for_switches(engine: Engine, count: int, timeout: float = 60.0) -> None:
@@ -74,40 +82,10 @@ def check_holdings(stats: ExecutorStats, placement: ExpertPlacement) -> None:
         assert shard.slots == placement.shard(j)
 
 
-def test_rebalancing_twice_while_8_requests_generate(cluster: Engine, undisturbed: list[Completion]) -> None:
-    ex, cfg = cluster.executor, cluster.executor.config
-    start, before = ex.balancer.placement, ex.stats()
-    slice_bytes = before.shards[0].bytes_read // before.shards[0].slices_read  # every slice has one size
-    first = balanced_placement(hot_load(cfg, [0, 1, 2, 3]), start)
-    second = balanced_placement(hot_load(cfg, [12, 13, 14, 15]), first)
-    handles = [cluster.submit(p, sp) for p, sp in zip(prompts(), PARAMS)]
-    token = handles[0].events.get(timeout=120).token
-    switches = ex.balancer.switches
-    ex.balancer.request(hot_load(cfg, [0, 1, 2, 3]))
-    wait_for_switches(cluster, switches + 1)
-    ex.balancer.request(hot_load(cfg, [12, 13, 14, 15]))
-    wait_for_switches(cluster, switches + 2)
-    outs = [collect(h, [token] if i == 0 else []) for i, h in enumerate(handles)]
-    assert [o.token_ids for o in outs] == [u.token_ids for u in undisturbed]
-    assert ex.balancer.placement == second
-    after = ex.stats()
-    check_holdings(after, second)
-    for j, (b, a) in enumerate(zip(before.shards, after.shards)):
-        gained = len(moved(start, first, j)) + len(moved(first, second, j))
-        assert gained > 0
-        assert a.slices_read - b.slices_read == gained  # only its new slices ...
-        assert a.bytes_read - b.bytes_read == gained * slice_bytes  # ... and nothing else of the file
-    # every routed assignment computed exactly once, over the whole run
-    routed = sum(map(sum, after.router.shard_tokens)) - sum(map(sum, before.router.shard_tokens))
-    computed = sum(a.assignments - b.assignments for b, a in zip(before.shards, after.shards))
-    tokens_run = sum(len(p) + len(o.token_ids) - 1 for p, o in zip(prompts(), outs))  # prompt + all but the last
-    assert routed == computed == tokens_run * cfg.experts_per_token * cfg.num_hidden_layers
-
-
 def test_the_interval_rebalances_by_routed_load_and_evens_the_shards(cluster: Engine,
                                                                      undisturbed: list[Completion]) -> None:
-    """The placement of test 1 put the cold experts' copies where the load is: routing by the real
-    counts (hot experts 0-3) moves them back, and replicated hot experts split their tokens."""
+    """At start the hot experts 0-3 all live on shard 0: the interval rebalances by the router's real
+    counts, and then the shards' routed loads are even (the replicated hot experts split theirs)."""
     ex = cluster.executor
     switches = ex.balancer.switches
     ex.balancer.interval = 3
@@ -126,15 +104,44 @@ def test_the_interval_rebalances_by_routed_load_and_evens_the_shards(cluster: En
     assert any(len(set(layer[0]) & set(layer[1])) for layer in ex.balancer.placement.layers)  # copies exist
 
 
+def test_rebalancing_twice_while_8_requests_generate(cluster: Engine, undisturbed: list[Completion]) -> None:
+    ex, cfg = cluster.executor, cluster.executor.config
+    start, before = ex.balancer.placement, ex.stats()
+    slice_bytes = before.shards[0].bytes_read // before.shards[0].slices_read  # every slice has one size
+    handles = [cluster.submit(p, sp) for p, sp in zip(prompts(), PARAMS)]
+    token = handles[0].events.get(timeout=120).token
+    switches = ex.balancer.switches
+    ex.balancer.request(load := one_shard_hot(cluster))
+    first = balanced_placement(load, start)
+    wait_for_switches(cluster, switches + 1)
+    ex.balancer.request(load := one_shard_hot(cluster))
+    second = balanced_placement(load, first)
+    wait_for_switches(cluster, switches + 2)
+    outs = [collect(h, [token] if i == 0 else []) for i, h in enumerate(handles)]
+    assert [o.token_ids for o in outs] == [u.token_ids for u in undisturbed]
+    assert ex.balancer.placement == second
+    after = ex.stats()
+    check_holdings(after, second)
+    for j, (b, a) in enumerate(zip(before.shards, after.shards)):
+        gained = len(moved(start, first, j)) + len(moved(first, second, j))
+        assert gained > 0
+        assert a.slices_read - b.slices_read == gained  # only its new slices ...
+        assert a.bytes_read - b.bytes_read == gained * slice_bytes  # ... and nothing else of the file
+    # every routed assignment computed exactly once, over the whole run
+    routed = sum(map(sum, after.router.shard_tokens)) - sum(map(sum, before.router.shard_tokens))
+    computed = sum(a.assignments - b.assignments for b, a in zip(before.shards, after.shards))
+    tokens_run = sum(len(p) + len(o.token_ids) - 1 for p, o in zip(prompts(), outs))  # prompt + all but the last
+    assert routed == computed == tokens_run * cfg.experts_per_token * cfg.num_hidden_layers
+
+
 @pytest.mark.parametrize("when", ["after", "during"])
 def test_a_shard_killed_around_a_rebalance_comes_back_with_the_current_placement(
         cluster: Engine, undisturbed: list[Completion], when: str) -> None:
-    ex, cfg = cluster.executor, cluster.executor.config
+    ex = cluster.executor
     failures, switches = len(cluster.failures), ex.balancer.switches
-    hot = [4, 5, 6, 7] if when == "after" else [8, 9, 10, 11]
     handles = [cluster.submit(p, sp) for p, sp in zip(prompts(), PARAMS)]
     token = handles[0].events.get(timeout=120).token
-    ex.balancer.request(hot_load(cfg, hot))
+    ex.balancer.request(one_shard_hot(cluster))
     if when == "after":
         wait_for_switches(cluster, switches + 1)
     pid = next(a.pid for a in ex.topology() if a.role == "expert_shard" and a.index == 1)
@@ -144,3 +151,16 @@ def test_a_shard_killed_around_a_rebalance_comes_back_with_the_current_placement
     assert len(cluster.failures) > failures
     check_holdings(ex.stats(), ex.balancer.placement)
     assert ex.stats().router.placement == ex.balancer.placement.version
+
+
+def test_a_rebalance_that_gains_little_moves_nothing(cluster: Engine) -> None:
+    """An evenly routed load, or the load the placement was made for, reads no slice."""
+    ex, cfg = cluster.executor, cluster.executor.config
+    ex.balancer.request(load := one_shard_hot(cluster))
+    cluster.generate(prompts()[:2], PARAMS[:2])
+    switches, reads = ex.balancer.switches, [s.slices_read for s in ex.stats().shards]
+    for load in (load, np.ones((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)):
+        ex.balancer.request(load)
+        cluster.generate(prompts()[:2], PARAMS[:2])
+    assert ex.balancer.switches == switches
+    assert [s.slices_read for s in ex.stats().shards] == reads
