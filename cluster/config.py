@@ -110,8 +110,7 @@ class ClusterConfig:
     redundant_experts: int = option(0, "extra expert slots per layer, spread over the shards, each holding a copy of "
                                        "a hot expert once rebalancing has placed one (needs 2+ shards)", ge=0)
     eplb_interval: int = option(0, "steps between expert rebalances, computed from the recent routed counts "
-                                   "(0: never on its own; `gptoss bench` rebalances once after warm-up when set)",
-                                ge=0)
+                                   "(0: off; when set, `gptoss bench` also runs its prompts again after one)", ge=0)
     eplb_window: int = option(1000, "steps of routed counts a rebalance looks at", ge=1)
     micro_batches: int = option(1, "groups a replica splits each step's chunks into, computing attention of one "
                                    "while the MoE of another is away (results do not depend on it)", ge=1, le=8)
