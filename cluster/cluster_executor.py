@@ -47,9 +47,8 @@ class ClusterExecutor(Executor):
         self.source, self.cluster, self.kv = source, cluster, kv
         self.config = source.config()
         self.num_replicas = cluster.attention_replicas
-        self.bounds, _ = cluster.expert_layout(self.config.num_experts)
-        placement = initial_placement(self.bounds, cluster.redundant_experts, self.config.num_experts,
-                                      self.config.num_hidden_layers)
+        self.bounds, capacity = cluster.expert_layout(self.config.num_experts)
+        placement = initial_placement(self.bounds, capacity, self.config.num_hidden_layers)
         self.balancing = cluster.eplb_interval > 0
         if cluster.redundant_experts and not self.balancing:
             log.warning("--redundant-experts %d without --eplb-interval: the redundant slots stay empty until a "

@@ -50,12 +50,11 @@ def slot_counts(bounds: tuple[tuple[int, int], ...], redundant: int, num_experts
     return counts
 
 
-def initial_placement(bounds: tuple[tuple[int, int], ...], redundant: int, num_experts: int,
-                      num_layers: int) -> ExpertPlacement:
-    """Version 0, before any load is known: shard m holds [a, b); the redundant slots stay empty (no
-    memory, no reads) until the first rebalance knows which experts deserve copies."""
-    capacity = tuple(slot_counts(bounds, redundant, num_experts))
-    return ExpertPlacement(0, (tuple(tuple(range(a, b)) for a, b in bounds),) * num_layers, capacity)
+def initial_placement(bounds: tuple[tuple[int, int], ...], capacity: list[int], num_layers: int) -> ExpertPlacement:
+    """Version 0, before any load is known: shard m holds [a, b) of its `capacity[m]` slots
+    (slot_counts); the redundant slots stay empty (no memory, no reads) until the first rebalance
+    knows which experts deserve copies."""
+    return ExpertPlacement(0, (tuple(tuple(range(a, b)) for a, b in bounds),) * num_layers, tuple(capacity))
 
 
 def copies_per_expert(load: np.ndarray, total_slots: int, max_copies: int) -> np.ndarray:

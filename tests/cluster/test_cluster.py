@@ -17,6 +17,7 @@ from model_shards import grammar
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import decode
+from tests.cluster.reference import local_completions
 
 KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
 LENGTHS = (3, 17, 40, 130, 200, 9, 64, 5)  # 8 prompts, some longer than the sliding window
@@ -30,11 +31,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_hf: Path) -> list[Completion]:
-    engine = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32"), KV))
-    try:
-        return engine.generate(prompts(), GREEDY)
-    finally:
-        engine.shutdown()
+    return local_completions(tiny_hf, prompts(), GREEDY, KV)
 
 
 @pytest.fixture(scope="module")

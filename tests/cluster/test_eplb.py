@@ -28,8 +28,8 @@ def check_placement(slots_per_layer, counts: list[int], experts: int) -> None:
 @pytest.mark.parametrize("experts,shards,redundant", [(16, 2, 2), (32, 4, 4), (32, 3, 5), (32, 4, 0), (8, 8, 8)])
 def test_initial_and_balanced_placements_keep_every_expert(experts: int, shards: int, redundant: int) -> None:
     bounds = expert_bounds(experts, shards)
-    start = initial_placement(bounds, redundant, experts, 3)
     counts = slot_counts(bounds, redundant, experts)
+    start = initial_placement(bounds, counts, 3)
     assert sum(counts) == experts + redundant
     assert start.capacity == tuple(counts)
     assert all(layer == tuple(tuple(range(a, b)) for a, b in bounds) for layer in start.layers)  # copies come later
@@ -44,7 +44,8 @@ def test_a_skewed_load_is_balanced(shards: int, redundant: int) -> None:
     """The hot experts all start on shard 0 (imbalance = shards); balancing spreads them."""
     rng = np.random.default_rng(shards)
     load = skewed_load(4, 32, [1, 3, 4, 6], rng)
-    start = initial_placement(expert_bounds(32, shards), redundant, 32, 4)
+    bounds = expert_bounds(32, shards)
+    start = initial_placement(bounds, slot_counts(bounds, redundant, 32), 4)
     assert predicted_imbalance(load, start) > 0.9 * shards
     new = balanced_placement(load, start)
     assert predicted_imbalance(load, new) <= 1.1
@@ -53,7 +54,8 @@ def test_a_skewed_load_is_balanced(shards: int, redundant: int) -> None:
 def test_a_rebalance_by_the_same_load_moves_nothing_and_light_experts_stay() -> None:
     rng = np.random.default_rng(0)
     load = skewed_load(2, 32, [0, 5], rng)
-    start = initial_placement(expert_bounds(32, 4), 4, 32, 2)
+    bounds = expert_bounds(32, 4)
+    start = initial_placement(bounds, slot_counts(bounds, 4, 32), 2)
     first = balanced_placement(load, start)
     again = balanced_placement(load, first)
     assert again.layers == first.layers

@@ -15,9 +15,9 @@ import torch
 from cluster.config import ClusterConfig, KVSpec, ModelSource
 from cluster.engine import Engine
 from cluster.events import RequestHandle
-from cluster.executor import LocalExecutor
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams
+from tests.cluster.reference import local_completions
 
 KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
 STEP_TIMEOUT_S = 3.0
@@ -33,11 +33,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def undisturbed(tiny_hf: Path) -> list[Completion]:
-    engine = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32"), KV))
-    try:
-        return engine.generate(prompts(), PARAMS)
-    finally:
-        engine.shutdown()
+    return local_completions(tiny_hf, prompts(), PARAMS, KV)
 
 
 @pytest.fixture(scope="module")

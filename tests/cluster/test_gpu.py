@@ -70,13 +70,14 @@ def test_a_shard_on_the_gpu_stages_a_new_placement(tiny_hf: Path) -> None:
     import torch
 
     from cluster.config import ShardSpec
-    from cluster.eplb import balanced_placement, initial_placement
+    from cluster.eplb import balanced_placement, initial_placement, slot_counts
     from cluster.messages import ShardRequest
     from cluster.shard import ExpertShard
 
     source = ModelSource(str(tiny_hf), "float32")
     cfg = source.config()
-    start = initial_placement(((0, 8), (8, 16)), 2, cfg.num_experts, cfg.num_hidden_layers)
+    bounds = ((0, 8), (8, 16))
+    start = initial_placement(bounds, slot_counts(bounds, 2, cfg.num_experts), cfg.num_hidden_layers)
     load = torch.ones(cfg.num_hidden_layers, cfg.num_experts)
     load[:, :4] = 100
     new = balanced_placement(load.numpy(), start)

@@ -16,11 +16,11 @@ import pytest
 from cluster.config import ClusterConfig, EngineConfig, KVSpec, ModelSource
 from cluster.engine import Engine
 from cluster.eplb import ExpertPlacement, balanced_placement, moved
-from cluster.executor import LocalExecutor
 from cluster.telemetry import ExecutorStats, shard_imbalance
 from model_shards.random_checkpoint import make_tiny
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams
+from tests.cluster.reference import local_completions
 from tests.cluster.test_failures import collect, prompts
 
 KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
@@ -37,11 +37,7 @@ def skewed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def undisturbed(skewed: Path) -> list[Completion]:
-    engine = Engine(LocalExecutor(ModelSource(str(skewed), "float32"), KV))
-    try:
-        return engine.generate(prompts(), PARAMS)
-    finally:
-        engine.shutdown()
+    return local_completions(skewed, prompts(), PARAMS, KV)
 
 
 @pytest.fixture(scope="module")
