@@ -63,10 +63,11 @@ class ClusterExecutor(Executor):
         members: list[tuple[str, str, Spec, float, dict[str, float]]] = [  # name, role, spec, GPUs, resources
             (replica_name(i), REPLICA_ROLE, ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
              c.gpus_per_attention_replica, c.attention_replica_resources) for i in range(c.attention_replicas)]
-        members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0),
+        members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0,
+                                                                 kv.max_step_tokens),
                         c.gpus_per_router, c.router_resources))
         members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], placement.shard(j), keep_mxfp4,
-                                                          c.gpus_per_expert_shard > 0),
+                                                          c.gpus_per_expert_shard > 0, kv.max_step_tokens),
                      c.gpus_per_expert_shard, c.expert_shard_resources) for j in range(len(self.bounds))]
         connect_ray(ray_address, len(members) * c.cpus_per_actor)
         self.pg = reserve([bundle(c.cpus_per_actor, g, extra) for *_, g, extra in members], c.placement_strategy,

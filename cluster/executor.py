@@ -27,7 +27,7 @@ from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
 from model_shards.loader import load_local_model
 from model_shards.moe import moe_block
-from model_shards.weights import budget_decoded
+from model_shards.weights import budget_decoded, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ class LocalExecutor(Executor):
         torch.set_num_threads(self.threads)
         self.model = load_local_model(source.model, source.torch_dtype, keep_mxfp4, device, source.layout)
         budget_decoded(self.model.weights.experts, source.expert_cache_bytes)
+        start = time.perf_counter()
+        if kernels := warm_up(self.model.weights, kv.max_step_tokens, kv.max_seqs):
+            log.info("ran %d prepacked kernels once (every bucket row count) in %.1fs", kernels,
+                     time.perf_counter() - start)
         self.config = self.model.config
         self.kv = kv
         self.num_replicas = 1

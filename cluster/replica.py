@@ -18,7 +18,7 @@ from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
 from model_shards.model import GptOssModel
 from model_shards.moe import combine
-from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare
+from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare, warm_up
 
 
 class AttentionReplica:
@@ -34,6 +34,7 @@ class AttentionReplica:
             weights = ModelWeights(ckpt.config, load_globals(ckpt, dtype), load_attention(ckpt, dtype), [], [])
         move_to(weights, self.device)
         prepare(weights)
+        warm_up(weights, spec.kv.max_step_tokens, spec.kv.max_seqs)
         self.model = GptOssModel(weights)
         self.reset()
 

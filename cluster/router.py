@@ -22,7 +22,7 @@ from cluster.names import ENGINE, ROUTER_ROLE, replica_name, shard_name
 from cluster.telemetry import ExpertLoad, RouterStats
 from cluster.transport import Endpoint
 from model_shards.moe import route
-from model_shards.weights import load_routers, move_to, prepare
+from model_shards.weights import load_routers, move_to, prepare, warm_up
 
 
 class Router:
@@ -39,6 +39,7 @@ class Router:
             self.routers = load_routers(ckpt, self.dtype)
         move_to(self.routers, self.device)
         prepare(self.routers)
+        warm_up(self.routers, spec.max_rows, 0)
         cfg = self.config
         self.adopt(spec.placement)
         self.expert_tokens = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)  # routed counts

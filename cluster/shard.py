@@ -25,7 +25,7 @@ from cluster.transport import Endpoint
 from model_shards.checkpoint import Checkpoint
 from model_shards.expert_slots import read_slots, restack
 from model_shards.moe import run_experts
-from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare
+from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare, warm_up
 
 
 @dataclass
@@ -54,6 +54,7 @@ class ExpertShard:
             self.bytes_read += ckpt.bytes_read
         self.slices_read += sum(map(len, spec.slots))
         self.current = self._ready(Holding(0, spec.slots, weights))
+        warm_up(self.current.weights, spec.max_rows, 0)  # kernels go by shape: later placements reuse them
         self.staged: Holding | None = None
         self._staging = threading.Lock()  # one stage at a time
         self.step = Histogram()  # compute time per request (one layer of one micro-batch)

@@ -152,6 +152,46 @@ def prepare(obj: object) -> None:
             prepare(getattr(obj, f.name))
 
 
+# A prepacked weight of one shape: (weight, bias, packed, most rows a call gives it).
+_Kernel = tuple[torch.Tensor, Union[torch.Tensor, None], torch.Tensor, int]
+
+
+def warm_up(obj: object, max_rows: int, max_sampled: int) -> int:
+    """Call every prepacked weight shape in `obj` once at each bucket row count it can see (the
+    unembedding up to `max_sampled` rows, the rest up to `max_rows`), so that serving does not pay
+    oneDNN's kernel build (about 1 ms per new row count: linear.py) on its first steps. -> kernels
+    called. Nothing to do where nothing is prepacked (float32, CUDA)."""
+    kernels: dict[tuple, _Kernel] = {}
+    _collect_kernels(obj, max_rows, max_sampled, kernels)
+    calls = 0
+    with torch.inference_mode():
+        for weight, bias, packed, limit in kernels.values():
+            for rows in sorted({linear.bucket_rows(n) for n in range(1, limit + 1)}):
+                linear.apply(weight.new_zeros(rows, weight.shape[1]), weight, bias, packed)
+                calls += 1
+    return calls
+
+
+def _collect_kernels(obj: object, rows: int, sampled: int, out: dict[tuple, _Kernel]) -> None:
+    if isinstance(obj, Linear):
+        if obj.packed is not None:
+            out.setdefault((tuple(obj.weight.shape), obj.bias is not None, obj.weight.dtype),
+                           (obj.weight, obj.bias, obj.packed, rows))
+    elif isinstance(obj, ExpertWeights):
+        for stack, bias in ((obj.gate_up, obj.gate_up_bias), (obj.down, obj.down_bias)):
+            if isinstance(stack, DenseStack) and stack.packed and stack.packed[0] is not None:
+                out.setdefault((tuple(stack.weight.shape[1:]), True, stack.weight.dtype),
+                               (stack.weight[0], bias[0], stack.packed[0], rows))
+    elif isinstance(obj, GlobalWeights):
+        _collect_kernels(obj.unembedding, sampled, sampled, out)  # only the rows that sample
+    elif isinstance(obj, list):
+        for item in obj:
+            _collect_kernels(item, rows, sampled, out)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
+        for f in dataclasses.fields(obj):
+            _collect_kernels(getattr(obj, f.name), rows, sampled, out)
+
+
 def _leaves(obj: object) -> Iterator[torch.Tensor | DenseStack | Mxfp4Stack]:
     if isinstance(obj, (DenseStack, Mxfp4Stack)):
         yield obj

@@ -33,3 +33,31 @@ def test_padded_rows_give_the_same_bits_as_each_row_alone():
     # and the prepacked path agrees with F.linear within bf16 rounding
     torch.testing.assert_close(whole.float(), torch.nn.functional.linear(x, layer.weight, layer.bias).float(),
                                atol=0.06, rtol=0.02)
+
+
+@pytest.mark.skipif(not linear.can_prepack(torch.zeros(2, 2, dtype=torch.bfloat16)),
+                    reason="no oneDNN prepacking on this build")
+def test_warm_up_calls_each_prepacked_shape_at_each_bucket(monkeypatch, tmp_path):
+    from model_shards.loader import load_local_model
+    from model_shards.random_checkpoint import make_tiny
+    from model_shards.weights import warm_up
+
+    make_tiny(tmp_path, "tiny", as_mxfp4=False)
+    assert warm_up(load_local_model(str(tmp_path), torch.float32).weights, 64, 4) == 0  # float32: nothing prepacked
+    weights = load_local_model(str(tmp_path), torch.bfloat16).weights
+    seen: list[tuple[tuple[int, ...], int]] = []
+    real = linear.apply
+
+    def spy(x, weight, bias, packed):
+        seen.append((tuple(weight.shape), x.shape[0]))
+        return real(x, weight, bias, packed)
+
+    monkeypatch.setattr(linear, "apply", spy)
+    calls = warm_up(weights, 64, 4)
+    cfg = weights.config
+    shapes = {tuple(weights.attention[0].qkv.weight.shape), tuple(weights.attention[0].out.weight.shape),
+              tuple(weights.routers[0].weight.shape), tuple(weights.experts[0].gate_up.weight.shape[1:]),
+              tuple(weights.experts[0].down.weight.shape[1:])}
+    buckets = sorted({linear.bucket_rows(n) for n in range(1, 65)})
+    expected = {(s, n) for s in shapes for n in buckets} | {((cfg.vocab_size, cfg.hidden_size), n) for n in (1, 2, 3, 4)}
+    assert set(seen) == expected and calls == len(seen) == len(expected)
