@@ -19,7 +19,7 @@ from cluster.messages import ChunkPlan, ReplicaStep
 from cluster.telemetry import RouterStats, shard_imbalance
 from model_shards.sampling import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0)
+GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, logprobs=False)  # what a served request asks by default
 
 
 @dataclass

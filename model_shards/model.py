@@ -27,8 +27,10 @@ def embed(token_ids: torch.Tensor, w: GlobalWeights) -> torch.Tensor:
 
 
 def unembed(hidden: torch.Tensor, w: GlobalWeights, eps: float) -> torch.Tensor:
-    """[S, H] -> [S, V] fp32 logits (final norm, then the untied unembedding in the model dtype)."""
-    return w.unembedding(rms_norm(hidden, w.final_norm, eps)).to(torch.float32)
+    """[S, H] -> [S, V] logits in the model dtype (final norm, then the untied unembedding). Sampling
+    converts to fp32 only what needs it: a greedy row without log-probs takes the argmax as it is
+    (the conversion is exact, so the choice is the same)."""
+    return w.unembedding(rms_norm(hidden, w.final_norm, eps))
 
 
 # (layer, t [T, H] normed hidden states) -> MoE output [T, H]. The local model computes it in
@@ -64,14 +66,14 @@ class GptOssModel:
             try:
                 request = layers.send(moe(*request))
             except StopIteration as done:
-                return done.value
+                return done.value.to(torch.float32)
 
     @torch.inference_mode()
     def layers(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
                rows: list[int] | None = None) -> Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
         """`forward` as a generator, for callers that interleave several batches (a replica's
         micro-batches): yields (layer, t [T, H]) where the MoE block's input is ready, takes its output
-        [T, H] back, and returns the logits."""
+        [T, H] back, and returns the logits (in the model dtype: `unembed`)."""
         cfg, w = self.config, self.weights
         cos, sin = self.rope.cos_sin(layout.positions, self.dtype)  # [T, d/2]
         kv_view = kv.view(layout)

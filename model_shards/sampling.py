@@ -126,15 +126,22 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
            steps: Sequence[int], consume: bool = False,
            histories: Sequence[History | None] | None = None,
            masks: Sequence[torch.Tensor | None] | None = None) -> list[Choice]:
-    """logits [S, V] fp32 -> one choice per row; row i uses params[i], and the draw is fixed by
-    (seeds[i], steps[i]). Greedy rows need no per-row work; the results reach the host in one copy
-    (two with top_logprobs). `consume`: `logits` may be overwritten (saves a copy of it).
+    """logits [S, V] (any float dtype; converted to fp32 only when a row needs more than the argmax)
+    -> one choice per row; row i uses params[i], and the draw is fixed by (seeds[i], steps[i]). Greedy
+    rows need no per-row work; the results reach the host in one copy (two with top_logprobs). `consume`: `logits` may be overwritten (saves a copy of it).
     `histories[i]`: what row i's penalties need (logits.py); each chosen token is added to it.
     `masks[i]`: row i's structured-output mask ([W] int32 bit words, grammar.py), which already
     keeps stop tokens out before min_tokens."""
+    masks = masks if masks is not None else [None] * len(params)
+    if all(p.greedy and not (p.processed or p.logprobs or p.top_logprobs) for p in params) and \
+            all(m is None for m in masks):  # argmax only: no fp32 copy of the [S, V] logits
+        tokens = logits.max(dim=-1).indices.tolist()
+        for history, token in zip(histories or [], tokens):
+            if history is not None:
+                history.add(token)
+        return [Choice(token, None, []) for token in tokens]
     logits = logits.to(torch.float32)
     biased = logits
-    masks = masks if masks is not None else [None] * len(params)
     if any(p.processed for p in params) or any(m is not None for m in masks):
         biased = logits.clone()
         for row, p in enumerate(params):

@@ -110,3 +110,21 @@ def test_a_row_with_nothing_to_draw_from_keeps_its_greedy_choice() -> None:
     params = [SamplingParams(temperature=0.7, seed=1, logprobs=False)] * 2
     choices = sample(logits, params, [1, 1], [0, 0])
     assert choices[0].token == 5 and 0 <= choices[1].token < 64
+
+
+def test_greedy_rows_without_logprobs_take_the_argmax_of_model_dtype_logits() -> None:
+    """The fast path (no fp32 copy) chooses what the full path chooses, ties included, and still
+    records each choice in the penalty histories."""
+    from model_shards.logits import History
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 1000, generator=gen) * 4).bfloat16()
+    logits[2, 10] = logits[2, 500] = 99.0  # a tie: the first index wins on both paths
+    fast = SamplingParams(max_tokens=4, temperature=0.0, logprobs=False)
+    full = SamplingParams(max_tokens=4, temperature=0.0, logprobs=True)
+    histories = [History([], []) for _ in range(6)]
+    got = sample(logits, [fast] * 6, [0] * 6, [0] * 6, histories=histories)
+    want = sample(logits.float(), [full] * 6, [0] * 6, [0] * 6)
+    assert [c.token for c in got] == [c.token for c in want] == logits.float().argmax(-1).tolist()
+    assert got[2].token == 10 and all(c.logprob is None and c.top == [] for c in got)
+    assert [h.counts for h in histories] == [{c.token: 1} for c in got]
