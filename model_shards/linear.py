@@ -11,7 +11,7 @@ oneDNN builds (JIT-compiles) a kernel for every new row count, about 1 ms each, 
 of them. Serving sees a different row count on nearly every step (the tokens of a step, the rows
 routed to each expert), so rows are padded with zeros up to a few bucket sizes (`bucket_rows`): a row's
 result does not depend on how many rows share the call (checked bitwise in tests/model_shards/
-test_linear.py), and a 32 x 128-token prefill on the small preset takes 1.2 -> 0.8 s (2-core VM).
+test_linear.py), and a 32 x 128-token prefill on the small preset takes 1.2 -> 0.83 s (2-core VM).
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
            masks: Sequence[torch.Tensor | None] | None = None) -> list[Choice]:
     """logits [S, V] (any float dtype; converted to fp32 only when a row needs more than the argmax)
     -> one choice per row; row i uses params[i], and the draw is fixed by (seeds[i], steps[i]). Greedy
-    rows need no per-row work; the results reach the host in one copy (two with top_logprobs). `consume`: `logits` may be overwritten (saves a copy of it).
+    rows need no per-row work; the results reach the host in one copy (two with top_logprobs).
+    `consume`: `logits` may be overwritten (saves a copy of it).
     `histories[i]`: what row i's penalties need (logits.py); each chosen token is added to it.
     `masks[i]`: row i's structured-output mask ([W] int32 bit words, grammar.py), which already
     keeps stop tokens out before min_tokens."""
