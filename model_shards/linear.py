@@ -49,11 +49,11 @@ def apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pack
     if packed is not None and x.dtype == weight.dtype and x.dim() == 2 and x.shape[0] > 0:
         n = x.shape[0]
         rows = bucket_rows(n)
-        if rows != n:
-            padded = x.new_zeros(rows, x.shape[1])
-            padded[:n] = x
-            x = padded
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")[:n]
+        if rows == n:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        padded = x.new_zeros(rows, x.shape[1])
+        padded[:n] = x
+        return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:n]
     return F.linear(x, weight, bias)
 
 
