@@ -142,14 +142,20 @@ class ModelWeights:
 def prepare(obj: object) -> None:
     """Make the runtime forms of every linear weight and expert stack in `obj` (prepacked GEMM
     weights where the device has them: linear.py). Call after moving the weights to their device."""
-    if isinstance(obj, (Linear, DenseStack, Mxfp4Stack)):
-        obj.prepare()
-    elif isinstance(obj, list):
+    for part in _parts(obj):
+        if isinstance(part, (Linear, DenseStack, Mxfp4Stack)):
+            part.prepare()
+
+
+def _parts(obj: object) -> Iterator[object]:
+    """`obj` and everything in it, each part before its contents (lists and weight dataclasses)."""
+    yield obj
+    if isinstance(obj, list):
         for item in obj:
-            prepare(item)
+            yield from _parts(item)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
         for f in dataclasses.fields(obj):
-            prepare(getattr(obj, f.name))
+            yield from _parts(getattr(obj, f.name))
 
 
 # A prepacked weight of one shape: (weight, bias, packed, most rows a call gives it).
@@ -162,7 +168,9 @@ def warm_up(obj: object, max_rows: int, max_sampled: int) -> int:
     oneDNN's kernel build (about 1 ms per new row count: linear.py) on its first steps. -> kernels
     called. Nothing to do where nothing is prepacked (float32, CUDA)."""
     kernels: dict[tuple, _Kernel] = {}
-    _collect_kernels(obj, max_rows, max_sampled, kernels)
+    for part in _parts(obj):  # a GlobalWeights comes before its unembedding: that one gets max_sampled
+        for weight, bias, packed, limit in _kernels_of(part, max_rows, max_sampled):
+            kernels.setdefault((tuple(weight.shape), bias is not None, weight.dtype), (weight, bias, packed, limit))
     calls = 0
     with torch.inference_mode():
         for weight, bias, packed, limit in kernels.values():
@@ -172,24 +180,16 @@ def warm_up(obj: object, max_rows: int, max_sampled: int) -> int:
     return calls
 
 
-def _collect_kernels(obj: object, rows: int, sampled: int, out: dict[tuple, _Kernel]) -> None:
-    if isinstance(obj, Linear):
-        if obj.packed is not None:
-            out.setdefault((tuple(obj.weight.shape), obj.bias is not None, obj.weight.dtype),
-                           (obj.weight, obj.bias, obj.packed, rows))
-    elif isinstance(obj, ExpertWeights):
-        for stack, bias in ((obj.gate_up, obj.gate_up_bias), (obj.down, obj.down_bias)):
-            if isinstance(stack, DenseStack) and stack.packed and stack.packed[0] is not None:
-                out.setdefault((tuple(stack.weight.shape[1:]), True, stack.weight.dtype),
-                               (stack.weight[0], bias[0], stack.packed[0], rows))
-    elif isinstance(obj, GlobalWeights):
-        _collect_kernels(obj.unembedding, sampled, sampled, out)  # only the rows that sample
-    elif isinstance(obj, list):
-        for item in obj:
-            _collect_kernels(item, rows, sampled, out)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
-        for f in dataclasses.fields(obj):
-            _collect_kernels(getattr(obj, f.name), rows, sampled, out)
+def _kernels_of(part: object, rows: int, sampled: int) -> list[_Kernel]:
+    if isinstance(part, GlobalWeights):
+        return _kernels_of(part.unembedding, sampled, sampled)  # only the rows that sample
+    if isinstance(part, Linear) and part.packed is not None:
+        return [(part.weight, part.bias, part.packed, rows)]
+    if isinstance(part, ExpertWeights):
+        return [(stack.weight[0], bias[0], stack.packed[0], rows)
+                for stack, bias in ((part.gate_up, part.gate_up_bias), (part.down, part.down_bias))
+                if isinstance(stack, DenseStack) and stack.packed and stack.packed[0] is not None]
+    return []
 
 
 def _leaves(obj: object) -> Iterator[torch.Tensor | DenseStack | Mxfp4Stack]:
