@@ -147,15 +147,18 @@ def prepare(obj: object) -> None:
             part.prepare()
 
 
-def _parts(obj: object) -> Iterator[object]:
-    """`obj` and everything in it, each part before its contents (lists and weight dataclasses)."""
+def _parts(obj: object, whole: tuple[type, ...] = ()) -> Iterator[object]:
+    """`obj` and everything in it, each part before its contents (lists and weight dataclasses; not
+    the contents of `whole` types)."""
     yield obj
+    if isinstance(obj, whole):
+        return
     if isinstance(obj, list):
         for item in obj:
-            yield from _parts(item)
+            yield from _parts(item, whole)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
         for f in dataclasses.fields(obj):
-            yield from _parts(getattr(obj, f.name))
+            yield from _parts(getattr(obj, f.name), whole)
 
 
 # A prepacked weight of one shape: (weight, bias, packed, most rows a call gives it).
@@ -193,20 +196,14 @@ def _kernels_of(part: object, rows: int, sampled: int) -> list[_Kernel]:
 
 
 def _leaves(obj: object) -> Iterator[torch.Tensor | DenseStack | Mxfp4Stack]:
-    if isinstance(obj, (DenseStack, Mxfp4Stack)):
-        yield obj
-    elif isinstance(obj, Linear):
-        yield obj.weight
-        if obj.bias is not None:
-            yield obj.bias
-    elif isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, list):
-        for item in obj:
-            yield from _leaves(item)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, GptOssConfig):
-        for field in dataclasses.fields(obj):
-            yield from _leaves(getattr(obj, field.name))
+    """The parameters: every tensor, expert stack, and linear's weight and bias (not prepacked copies)."""
+    for part in _parts(obj, whole=(Linear, DenseStack, Mxfp4Stack)):
+        if isinstance(part, (DenseStack, Mxfp4Stack, torch.Tensor)):
+            yield part
+        elif isinstance(part, Linear):
+            yield part.weight
+            if part.bias is not None:
+                yield part.bias
 
 
 def move_to(obj: object, device: torch.device | str) -> None:
