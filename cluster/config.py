@@ -202,7 +202,7 @@ class RouterSpec:
     placement: ExpertPlacement  # where each layer's experts are at start (eplb.py)
     window: int = 1000  # steps of per-expert counts kept for rebalancing
     use_gpu: bool = False
-    max_rows: int = 2048  # tokens one request can carry (the engine's step budget): kernels warmed up to it
+    max_rows: int = KVSpec.max_step_tokens  # tokens one request can carry (the engine's step budget): kernels warmed up to it
 
 
 @dataclass(frozen=True)
@@ -213,4 +213,4 @@ class ShardSpec:
     slots: tuple[tuple[int, ...], ...]  # [L][S] the experts it loads at start (the range and its redundant copies)
     keep_mxfp4: bool = False
     use_gpu: bool = False
-    max_rows: int = 2048  # rows one expert can get in a request (the engine's step budget): kernels warmed up to it
+    max_rows: int = KVSpec.max_step_tokens  # rows one expert can get in a request (the engine's step budget): kernels warmed up to it
