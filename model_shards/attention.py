@@ -14,7 +14,7 @@ import torch
 
 from model_shards.config import GptOssConfig
 from model_shards.flash import chunk_attention, decode_attention
-from model_shards.kv_cache import KVCache, StepKV
+from model_shards.kv_cache import KVCache, StepKV, gather_rows
 from model_shards.norm import rms_norm
 from model_shards.rope import apply_rope
 from model_shards.weights import AttentionWeights
@@ -82,11 +82,11 @@ def attention_block(x: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, lay
     if view.decode_tokens.numel():
         rows = view.decode_slide_rows if sliding else view.decode_full_rows  # [G, L]
         bias = view.decode_slide_bias if sliding else view.decode_full_bias
-        out[view.decode_tokens] = decode_attention(q[view.decode_tokens], keys[rows], values[rows], bias, w.sinks,
-                                                   scale)
+        out[view.decode_tokens] = decode_attention(q[view.decode_tokens], gather_rows(keys, rows),
+                                                   gather_rows(values, rows), bias, w.sinks, scale)
     for c in view.chunks:
         rows = c.slide_rows if sliding else c.full_rows
-        out[c.first:c.first + c.length] = chunk_attention(q[c.first:c.first + c.length], keys[rows], values[rows],
-                                                          c.start, cfg.sliding_window if sliding else None,
-                                                          w.sinks, scale)
+        window = cfg.sliding_window if sliding else None
+        out[c.first:c.first + c.length] = chunk_attention(q[c.first:c.first + c.length], gather_rows(keys, rows),
+                                                          gather_rows(values, rows), c.start, window, w.sinks, scale)
     return x + w.out(out.reshape(t, cfg.q_dim))  # heads concatenated, head-major

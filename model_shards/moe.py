@@ -59,7 +59,7 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
         raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
     for block, segments in row_blocks(spans, ROW_BLOCK):
         sel = order[block]  # [n] this block's assignments, in expert order
-        rows = x[token_index[sel]]  # [n, H]: each expert's rows are one contiguous slice
+        rows = x.index_select(0, token_index[sel])  # [n, H]: each expert's rows are one contiguous slice
         if batches_well(w, len(segments)):
             y = batched_experts(rows, segments, w, cfg)
         else:
@@ -97,7 +97,7 @@ def batched_experts(rows: torch.Tensor, segments: list[tuple[int, int]], w: Expe
     h = torch.baddbmm(w.gate_up_bias[:, None, :], padded.view(w.count, m, -1), w.gate_up.weight.transpose(1, 2))
     act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(rows.dtype)  # [E, m, I]
     y = torch.baddbmm(w.down_bias[:, None, :], act, w.down.weight.transpose(1, 2))  # [E, m, H]
-    return y.view(w.count * m, -1)[slots]
+    return y.view(w.count * m, -1).index_select(0, slots)
 
 
 def row_blocks(spans: list[tuple[int, int]], limit: int) -> list[tuple[slice, list[tuple[int, int]]]]:

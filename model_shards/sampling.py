@@ -121,6 +121,24 @@ def _probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return top_p_filter(keep_min_p(probs, p.min_p).cpu(), p.top_p)
 
 
+ARGMAX_BLOCK = 1024  # columns per block of argmax_rows
+
+
+def argmax_rows(logits: torch.Tensor, block: int = ARGMAX_BLOCK) -> torch.Tensor:
+    """[S, V] -> [S] long: each row's first index of its maximum, like max(dim=-1).indices, in two
+    passes: the maximum of each block of columns (amax, which vectorizes for bf16 on CPU where max with
+    indices does not), then the index within the first block that holds the row's maximum. Measured on
+    the 2-core VM, bf16 [32, 201088]: 4.5 -> 2.0 ms on one thread, 2.5 -> 1.2 ms on two."""
+    s, v = logits.shape
+    n = v // block
+    block_max = logits[:, :n * block].view(s, n, block).amax(dim=-1)  # [S, n]
+    if n * block < v:  # the last, partial block
+        block_max = torch.cat((block_max, logits[:, n * block:].amax(dim=-1, keepdim=True)), dim=1)
+    first = block_max.max(dim=-1).indices  # [S]: the first block with the row's maximum
+    cols = (first[:, None] * block + torch.arange(block, device=logits.device)).clamp_(max=v - 1)  # [S, block]
+    return first * block + logits.gather(1, cols).max(dim=-1).indices  # repeats of column V-1 come last
+
+
 @torch.inference_mode()
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
            steps: Sequence[int], consume: bool = False,
@@ -136,7 +154,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
     masks = masks if masks is not None else [None] * len(params)
     if all(p.greedy and not (p.processed or p.logprobs or p.top_logprobs) for p in params) and \
             all(m is None for m in masks):  # argmax only: no fp32 copy of the [S, V] logits
-        tokens = logits.max(dim=-1).indices.tolist()
+        tokens = argmax_rows(logits).tolist()
         for history, token in zip(histories or [], tokens):
             if history is not None:
                 history.add(token)

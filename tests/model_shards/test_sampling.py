@@ -128,3 +128,19 @@ def test_greedy_rows_without_logprobs_take_the_argmax_of_model_dtype_logits() ->
     assert [c.token for c in got] == [c.token for c in want] == logits.float().argmax(-1).tolist()
     assert got[2].token == 10 and all(c.logprob is None and c.top == [] for c in got)
     assert [h.counts for h in histories] == [{c.token: 1} for c in got]
+
+
+def test_argmax_rows_equals_max_indices_with_ties_and_a_partial_last_block() -> None:
+    from model_shards.sampling import argmax_rows
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 1000, generator=gen).bfloat16()  # block 64: 15 whole blocks and 40 columns
+    logits[0, 990] = 9.0  # the maximum in the partial block
+    logits[1, 70] = logits[1, 3] = 9.0  # a tie across blocks: the first wins
+    logits[2, 64] = logits[2, 65] = 9.0  # a tie within a block
+    logits[3, 999] = 9.0  # the very last column
+    logits[4] = 0.0  # every column ties
+    for block in (64, 1000, 4096):
+        got = argmax_rows(logits, block)
+        assert got.tolist() == logits.max(dim=-1).indices.tolist()
+        assert got[:5].tolist() == [990, 3, 64, 999, 0]
