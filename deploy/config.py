@@ -43,6 +43,8 @@ class LaunchOptions:
     ray_address: str | None = option(None, "an existing Ray cluster (default: start Ray in this process)")
     metrics_export_port: int | None = option(None, "port of Ray's metrics export when Ray starts here "
                                                    "(Prometheus scrapes ray_gptoss_* there)", ge=1, le=65535)
+    direct_ingress: bool = option(True, "when Ray starts here, the Serve replica itself answers on --port (Ray "
+                                        "Serve's direct ingress), not Ray Serve's proxy")
 
     def __post_init__(self) -> None:
         check_options(self)

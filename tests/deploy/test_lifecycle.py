@@ -1,6 +1,6 @@
 """A real `gptoss serve` process as operators and supervisors treat it: a busy port, a missing model, an
 impossible expert layout, SIGTERM to the whole process group, the API key from the environment, client
-disconnects, request ids through Ray Serve's proxy."""
+disconnects, request ids through the HTTP server (the Serve replica itself, or Ray Serve's proxy)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_sigterm_to_the_process_group_drains(tiny_hf: Path, vocab: Path, tmp_pat
         assert httpx.post(f"{url}/v1/completions", json=BODY, timeout=60).status_code == 401
         ok = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 2}, headers={**auth, "X-Request-Id": "r-1"},
                         timeout=60)
-        assert ok.status_code == 200 and ok.headers.get_list("x-request-id") == ["r-1"]  # once, through the proxy
+        assert ok.status_code == 200 and ok.headers.get_list("x-request-id") == ["r-1"]  # once, through the HTTP server
         odd = httpx.get(f"{url}/v1/models", headers={**auth, "X-Request-Id": "<" * 300}, timeout=30)
         assert odd.status_code == 200 and len(odd.headers.get_list("x-request-id")) == 1
         assert "<" not in odd.headers["x-request-id"]
@@ -118,3 +118,15 @@ def test_sigterm_to_the_process_group_drains(tiny_hf: Path, vocab: Path, tmp_pat
         text = log.read()
         log.close()
     assert "Traceback" not in text and "TaskCancelledError" not in text, text[-3000:]
+
+
+def test_without_direct_ingress_the_proxy_answers_on_the_port(vocab: Path) -> None:
+    """--no-direct-ingress: Ray Serve's proxy holds --port and passes requests (and the request id, once)
+    to the replica, as before direct ingress."""
+    from tests.deploy.conftest import gptoss_serve
+
+    with gptoss_serve(["--no-direct-ingress", "--served-model-name", "tiny"], vocab) as (url, _proc):
+        ok = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 2}, headers={"X-Request-Id": "r-2"},
+                        timeout=60)
+        assert ok.status_code == 200 and ok.headers.get_list("x-request-id") == ["r-2"]
+        assert ok.json()["usage"]["completion_tokens"] == 2
