@@ -1,5 +1,5 @@
-"""What changes the logits before a token is chosen: logit bias, penalties, min_tokens, and the
-top-k / min-p filters. Each works on one row of logits [V] and costs in proportion to the tokens it
+"""What changes the logits before a token is chosen: logit bias, penalties and min_tokens (the top-k,
+min-p and top-p filters are part of the draw: draw.py). Each works on one row of logits [V] and costs in proportion to the tokens it
 touches (a penalized sequence's distinct tokens), never to the vocabulary times the batch.
 
 Penalties follow OpenAI and vLLM: presence subtracts its value once from every token the output
@@ -68,20 +68,3 @@ def forbid(row: torch.Tensor, tokens: Sequence[int]) -> None:
 def add_bias(row: torch.Tensor, bias: Sequence[tuple[int, float]]) -> None:
     for token, value in bias:
         row[token] += value
-
-
-def keep_top_k(row: torch.Tensor, k: int) -> torch.Tensor:
-    """[V] -> [V] with all but the k largest at -inf (k <= 0 or >= V: unchanged)."""
-    if k <= 0 or k >= row.shape[-1]:
-        return row
-    kth = torch.topk(row, k).values[-1]
-    return row.masked_fill(row < kth, float("-inf"))
-
-
-def keep_min_p(probs: torch.Tensor, min_p: float) -> torch.Tensor:
-    """[V] probabilities -> [V] without the tokens less than min_p times as likely as the most likely
-    one (renormalized)."""
-    if min_p <= 0.0:
-        return probs
-    kept = probs * (probs >= min_p * probs.max())
-    return kept / kept.sum()

@@ -1,8 +1,9 @@
 """Choosing the next token: greedy, temperature, top-p, seeded.
 
-Sampling is counter-based: the random draw for a sequence's n-th generated token depends only on
-(seed, n). A request therefore gives the same tokens whatever else shares its batch, and a request
-resumed after a failure continues exactly as it would have. Log-probs are those of the unmodified
+Sampling is counter-based (draw.py): the random draw for a sequence's n-th generated token depends
+only on (seed, n). A request therefore gives the same tokens whatever else shares its batch, and a
+request resumed after a failure continues exactly as it would have. Every row of a step is chosen
+on the logits' device, and the choices reach the host in one copy. Log-probs are those of the unmodified
 distribution (before temperature and top-p), as the OpenAI API reports them.
 """
 
@@ -15,7 +16,8 @@ from typing import Sequence
 import torch
 
 from model_shards.grammar import apply_mask
-from model_shards.logits import History, add_bias, forbid, keep_min_p, keep_top_k, penalize
+from model_shards.draw import draw
+from model_shards.logits import History, add_bias, forbid, penalize
 
 GREEDY_BELOW = 1e-5  # temperatures under this mean argmax
 EXP_FLOOR = -87.0  # exp(-87) is about fp32's smallest normal number
@@ -79,23 +81,6 @@ def new_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """[V] probabilities -> [V] with only the smallest top set reaching mass top_p (renormalized)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = torch.sort(probs, descending=True)
-    keep_sorted = (torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p
-    keep_sorted[0] = True  # the most likely token always stays (a top_p below fp32's smallest value is 0 here)
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    keep[order[keep_sorted]] = True
-    filtered = probs * keep
-    return filtered / filtered.sum()
-
-
 @dataclass
 class Choice:
     token: int
@@ -113,12 +98,12 @@ def log_normalizer(logits: torch.Tensor, top: torch.Tensor | None = None, inplac
     return top + shifted.clamp_(min=EXP_FLOOR).exp_().sum(dim=-1).log()
 
 
-def _probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """[V] logits -> [V] the distribution a non-greedy choice draws from: top-k, temperature, min-p,
-    top-p. softmax = exp(x - logsumexp), with log_normalizer's clamp."""
-    scaled = keep_top_k(row, p.top_k) / p.temperature
-    probs = (scaled - log_normalizer(scaled[None])[0]).clamp_(min=EXP_FLOOR).exp_()
-    return top_p_filter(keep_min_p(probs, p.min_p).cpu(), p.top_p)
+def _record(tokens: list[int], histories: Sequence[History | None] | None) -> list[int]:
+    """Adds each row's chosen token to its penalty history (when it has one); -> tokens."""
+    for history, token in zip(histories or [], tokens):
+        if history is not None:
+            history.add(token)
+    return tokens
 
 
 ARGMAX_BLOCK = 1024  # columns per block of argmax_rows
@@ -154,11 +139,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
     masks = masks if masks is not None else [None] * len(params)
     if all(p.greedy and not (p.processed or p.logprobs or p.top_logprobs) for p in params) and \
             all(m is None for m in masks):  # argmax only: no fp32 copy of the [S, V] logits
-        tokens = argmax_rows(logits).tolist()
-        for history, token in zip(histories or [], tokens):
-            if history is not None:
-                history.add(token)
-        return [Choice(token, None, []) for token in tokens]
+        return [Choice(token, None, []) for token in _record(argmax_rows(logits).tolist(), histories)]
     logits = logits.to(torch.float32)
     biased = logits
     if any(p.processed for p in params) or any(m is not None for m in masks):
@@ -173,25 +154,27 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
                 apply_mask(biased[row], mask)
             elif steps[row] < p.min_tokens:
                 forbid(biased[row], p.stop_token_ids)
-    best, tokens = biased.max(dim=-1)  # [S] greedy choices
-    for row, p in enumerate(params):
-        if not p.greedy:
-            probs = _probabilities(biased[row], p)  # [V]
-            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0.0:
-                tokens[row] = int(torch.multinomial(probs, 1, generator=_generator(seeds[row], steps[row])))
-            # else: no distribution is left to draw from (nothing finite): the row keeps its greedy choice
-            # rather than failing the step of every sequence in the batch
-    if histories is not None:
-        for history, token in zip(histories, tokens.tolist()):
-            if history is not None:
-                history.add(token)
+    tokens = argmax_rows(biased)  # [S] greedy choices
+    best = biased.gather(1, tokens[:, None]).squeeze(1)  # [S] their logits: the rows' maxima
+    drawn = [row for row, p in enumerate(params) if not p.greedy]
+    if drawn:
+        picked = [params[row] for row in drawn]
+        at = torch.tensor(drawn, dtype=torch.long, device=biased.device)
+        rows = biased if len(drawn) == len(params) else biased.index_select(0, at)
+        got, ok = draw(rows, [p.temperature for p in picked], [p.top_k for p in picked],
+                       [p.top_p for p in picked], [p.min_p for p in picked], [seeds[row] for row in drawn],
+                       [steps[row] for row in drawn], EXP_FLOOR)
+        # a row with no distribution left (nothing finite) keeps its greedy choice rather than failing
+        # the step of every sequence in the batch
+        tokens.index_copy_(0, at, torch.where(ok, got, tokens.index_select(0, at)))
     if not any(p.logprobs or p.top_logprobs for p in params):  # nothing to normalize: the choices are all
-        return [Choice(token, None, []) for token in tokens.tolist()]
+        return [Choice(token, None, []) for token in _record(tokens.tolist(), histories)]
     chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # [S] raw logits of the choices
     most = max(p.top_logprobs for p in params)
     top_values, top_ids = torch.topk(logits, most, dim=-1) if most else (None, None)  # [S, most]
     normalizer = log_normalizer(logits, None if biased is not logits else best, inplace=consume)  # [S] unmodified
     host = torch.stack((tokens.to(torch.float64), (chosen - normalizer).to(torch.float64))).tolist()
+    _record([int(t) for t in host[0]], histories)
     top_id_rows, top_value_rows = [], []
     if top_values is not None and top_ids is not None:
         top_value_rows, top_id_rows = (top_values - normalizer[:, None]).tolist(), top_ids.tolist()

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_shards.sampling import SamplingParams, sample, top_p_filter
+from model_shards.draw import keep_top_p
+from model_shards.sampling import SamplingParams, sample
 
 
 def tokens(choices) -> list[int]:
@@ -36,9 +37,10 @@ def test_top_logprobs() -> None:
 
 
 def test_top_p_keeps_the_smallest_set() -> None:
-    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
-    assert top_p_filter(probs, 0.6).tolist() == pytest.approx([0, 0.625, 0.375, 0])
-    assert top_p_filter(probs, 0.01).tolist() == pytest.approx([0, 1, 0, 0])
+    probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [1.0, 5.0, 3.0, 1.0], [0.1, 0.5, 0.3, 0.1]])  # any total
+    kept = keep_top_p(probs, [0.6, 0.6, 0.01])
+    assert kept.tolist() == [pytest.approx([0, 0.5, 0.3, 0]), [0, 5, 3, 0], pytest.approx([0, 0.5, 0, 0])]
+    assert torch.equal(keep_top_p(probs, [1.0, 1.0, 1.0]), probs)
 
 
 def test_sampling_follows_the_distribution() -> None:
@@ -64,9 +66,9 @@ def test_bad_parameters(kwargs: dict) -> None:
 
 
 def test_top_p_below_float32_resolution_keeps_the_most_likely_token() -> None:
-    probs = torch.softmax(torch.tensor([1.0, 3.0, 2.0]), dim=-1)
-    kept = top_p_filter(probs, 5e-324)  # a valid top_p (> 0) that rounds to 0 in float32
-    assert kept.tolist() == [0.0, 1.0, 0.0]
+    probs = torch.softmax(torch.tensor([[1.0, 3.0, 2.0]]), dim=-1)
+    kept = keep_top_p(probs, [5e-324])  # a valid top_p (> 0) that rounds to 0 in float32
+    assert kept[0].tolist() == [0.0, probs[0, 1].item(), 0.0]
 
 
 def test_penalties_follow_openai_and_vllm() -> None:

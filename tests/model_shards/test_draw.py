@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from model_shards.draw import draw, inverse_cdf, keep_top_k, uniform
+from model_shards.sampling import EXP_FLOOR
+
+
+def test_uniform_is_fixed_by_seed_and_step_and_spread_over_0_1() -> None:
+    values = [uniform(7, n) for n in range(10_000)]
+    assert values == [uniform(7, n) for n in range(10_000)]
+    assert all(0.0 < u < 1.0 for u in values) and len(set(values)) == len(values)
+    assert abs(sum(values) / len(values) - 0.5) < 0.01
+    assert sum(u < 0.1 for u in values) == pytest.approx(1000, abs=100)
+    assert uniform(8, 0) != uniform(7, 0) and uniform(2**40, 3) != uniform(2**40, 4)
+
+
+def test_inverse_cdf_picks_where_the_cumulative_mass_passes_u() -> None:
+    probs = torch.tensor([[0.0, 2.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]] * 4)  # total 5, V=10
+    u = torch.tensor([0.1, 0.39, 0.41, 0.99], dtype=torch.float64)
+    for block in (1, 3, 4, 10, 1024):  # whole blocks, a partial last block, one block for all
+        assert inverse_cdf(probs, u, block).tolist() == [1, 1, 3, 6]
+
+
+def test_inverse_cdf_follows_the_distribution_and_never_picks_zero_mass() -> None:
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0, 0.0])[None].expand(4000, 7).contiguous()
+    u = torch.tensor([uniform(1, n) for n in range(4000)], dtype=torch.float64)
+    counts = torch.bincount(inverse_cdf(probs, u, block=3), minlength=7).tolist()
+    assert counts[0] == counts[2] == counts[5] == counts[6] == 0
+    assert counts[1] == pytest.approx(400, abs=80) and counts[3] == pytest.approx(2400, abs=120)
+
+
+def test_keep_top_k_per_row() -> None:
+    x = torch.tensor([[1.0, 5.0, 3.0, 4.0]] * 3)
+    kept = keep_top_k(x, [2, 0, 9])  # 0 and >= V: no limit
+    assert kept[0].tolist() == [float("-inf"), 5.0, float("-inf"), 4.0]
+    assert torch.equal(kept[1:], x[1:])
+
+
+def test_a_row_draws_the_same_alone_or_in_any_batch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3000, generator=gen) * 2
+    args = dict(temperature=[0.7, 1.3, 1.0, 0.5], top_k=[0, 50, 0, 10], top_p=[1.0, 0.9, 0.5, 1.0],
+                min_p=[0.0, 0.0, 0.05, 0.0], seeds=[1, 2, 3, 4], steps=[5, 6, 7, 8])
+    together, ok = draw(x, floor=EXP_FLOOR, **args)
+    assert ok.all()
+    for row in range(4):
+        alone, _ = draw(x[row:row + 1], floor=EXP_FLOOR, **{k: v[row:row + 1] for k, v in args.items()})
+        assert alone.item() == together[row].item()
+
+
+def test_masked_tokens_are_never_drawn_and_nothing_left_is_reported() -> None:
+    x = torch.full((2, 500), float("-inf"))
+    x[0, [3, 400]] = 0.0  # only two tokens allowed
+    picks = {draw(x[:1], [5.0], [0], [1.0], [0.0], [9], [n], EXP_FLOOR)[0].item() for n in range(200)}
+    assert picks == {3, 400}
+    _, ok = draw(x, [1.0, 1.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [1, 1], [0, 0], EXP_FLOOR)
+    assert ok.tolist() == [True, False]  # row 1 has no token left
+
+
+@pytest.mark.gpu
+def test_cuda_draws_what_the_cpu_draws() -> None:
+    """The same rows on the GPU: the same choices (the uniforms come from the host; the sums may round
+    differently, which moves a choice only when u falls within rounding of a token boundary)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 50_000, generator=gen) * 4
+    args = dict(temperature=[0.8] * 16, top_k=[0, 40] * 8, top_p=[1.0, 0.9, 0.5, 1.0] * 4, min_p=[0.0] * 16,
+                seeds=list(range(16)), steps=[3] * 16, floor=EXP_FLOOR)
+    cpu, ok_cpu = draw(x, **args)
+    gpu, ok_gpu = draw(x.cuda(), **args)
+    assert gpu.device.type == "cuda" and ok_gpu.cpu().tolist() == ok_cpu.tolist()
+    assert (gpu.cpu() == cpu).sum() >= 15
