@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _vocab_option(bs)
     bs.add_argument("--shared-prefix", type=int, default=0,
                     help="tokens (or words) that every prompt starts with, before its own --input-len")
+    bs.add_argument("--temperature", type=float, default=0.0,
+                    help="of every request (0: greedy; above 0 the server samples, as most real traffic does)")
 
     t = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the real gpt-oss layout")
     t.add_argument("out")
@@ -142,10 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if min(args.concurrency or [0]) < 1 or args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
                 raise commands.UsageError("concurrency, --num-prompts, --input-len and --output-len must be positive")
-            if args.shared_prefix < 0:
-                raise commands.UsageError("--shared-prefix must be >= 0")
+            if args.shared_prefix < 0 or not 0.0 <= args.temperature <= 2.0:
+                raise commands.UsageError("--shared-prefix must be >= 0 and --temperature in [0, 2]")
             print(bench_serve(args.url, list(args.concurrency), args.num_prompts, args.input_len, args.output_len,
-                              args.model, args.prompt_type, args.api_key, args.seed, args.shared_prefix))
+                              args.model, args.prompt_type, args.api_key, args.seed, args.shared_prefix,
+                              args.temperature))
         elif args.command == "bench":
             print(commands.bench(args))
         elif args.command == "make-tiny":

@@ -121,7 +121,8 @@ def _prompt(rng: random.Random, kind: str, length: int, prefix: list[int] | str)
 
 
 async def run_level(base_url: str, model: str, concurrency: int, num_prompts: int, input_len: int, output_len: int,
-                    prompt_type: str, api_key: str | None, seed: int, shared_prefix: int = 0) -> LevelReport:
+                    prompt_type: str, api_key: str | None, seed: int, shared_prefix: int = 0,
+                    temperature: float = 0.0) -> LevelReport:
     rng = random.Random(seed)
     prefix = _prompt(random.Random(seed + 1), prompt_type, shared_prefix, [] if prompt_type == "tokens" else "")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -133,7 +134,7 @@ async def run_level(base_url: str, model: str, concurrency: int, num_prompts: in
             return await one_request(client, url, body)
 
     bodies = [CompletionBody(model=model, prompt=_prompt(rng, prompt_type, input_len, prefix), max_tokens=output_len,
-                             temperature=0.0, stream=True, stream_options={"include_usage": True}, ignore_eos=True,
+                             temperature=temperature, stream=True, stream_options={"include_usage": True}, ignore_eos=True,
                              return_token_ids=True)
               for _ in range(num_prompts)]
     timeout = httpx.Timeout(600.0, connect=30.0)
@@ -179,6 +180,7 @@ class ServeReport:
     output_len: int
     prompt_type: str
     shared_prefix: int
+    temperature: float
     bench: str = "serve"
 
 
@@ -201,11 +203,12 @@ def report(levels: list[LevelReport], extra: ServeReport) -> str:
 
 def bench_serve(url: str, concurrency: list[int], num_prompts: int, input_len: int, output_len: int,
                 model: str | None = None, prompt_type: str = "tokens", api_key: str | None = None,
-                seed: int = 0, shared_prefix: int = 0) -> str:
+                seed: int = 0, shared_prefix: int = 0, temperature: float = 0.0) -> str:
     async def main() -> str:
         name = model or await first_model(url, api_key)
         levels = [await run_level(url, name, c, num_prompts, input_len, output_len, prompt_type, api_key, seed,
-                                  shared_prefix) for c in concurrency]
-        return report(levels, ServeReport(url, name, num_prompts, input_len, output_len, prompt_type, shared_prefix))
+                                  shared_prefix, temperature) for c in concurrency]
+        return report(levels, ServeReport(url, name, num_prompts, input_len, output_len, prompt_type, shared_prefix,
+                                          temperature))
 
     return asyncio.run(main())

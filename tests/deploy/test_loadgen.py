@@ -48,7 +48,7 @@ def test_failures_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
     assert level.failed == 3 and len(level.errors) == 1
     reason = next(iter(level.errors))
     assert "HTTP 400" in reason and "stream_options is not allowed" in reason
-    table = report([level], ServeReport("http://x/v1", "m", 3, 4, 4, "tokens", 0))
+    table = report([level], ServeReport("http://x/v1", "m", 3, 4, 4, "tokens", 0, 0.0))
     assert "3 failed: HTTP 400" in table
 
 
@@ -58,16 +58,18 @@ def test_a_server_that_is_down_is_one_clear_line(capsys: pytest.CaptureFixture[s
     assert "cannot reach http://127.0.0.1:9/v1/models" in err and "Traceback" not in err
 
 
-def test_shared_prefix_leads_every_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_prefix_leads_every_prompt_and_the_temperature_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts: list[list[int]] = []
+    temperatures: list[float] = []
 
     def record(request: httpx.Request) -> httpx.Response:
         prompts.append(json.loads(request.content)["prompt"])
+        temperatures.append(json.loads(request.content)["temperature"])
         return httpx.Response(400, json={"error": {"message": "recorded"}})
 
     real = httpx.AsyncClient
     monkeypatch.setattr(httpx, "AsyncClient",
                         lambda **kwargs: real(transport=httpx.MockTransport(record), **kwargs))  # type: ignore[arg-type]
-    asyncio.run(run_level("http://x/v1", "m", 1, 3, 4, 4, "tokens", None, 0, shared_prefix=50))
-    assert len(prompts) == 3 and all(len(p) == 54 for p in prompts)
+    asyncio.run(run_level("http://x/v1", "m", 1, 3, 4, 4, "tokens", None, 0, shared_prefix=50, temperature=0.8))
+    assert len(prompts) == 3 and all(len(p) == 54 for p in prompts) and temperatures == [0.8] * 3
     assert prompts[0][:50] == prompts[1][:50] == prompts[2][:50] and prompts[0][50:] != prompts[1][50:]
