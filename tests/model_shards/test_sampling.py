@@ -133,7 +133,7 @@ def test_greedy_rows_without_logprobs_take_the_argmax_of_model_dtype_logits() ->
 
 
 def test_argmax_rows_equals_max_indices_with_ties_and_a_partial_last_block() -> None:
-    from model_shards.sampling import argmax_rows
+    from model_shards.draw import argmax_rows
 
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 1000, generator=gen).bfloat16()  # block 64: 15 whole blocks and 40 columns
