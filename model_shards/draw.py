@@ -95,7 +95,7 @@ def keep_top_p(probs: torch.Tensor, top_p: Sequence[float], head: int = TOP_P_HE
     target = p[:, None] * probs.sum(dim=-1, keepdim=True)  # [R, 1]
     values, order = torch.topk(probs, min(head, probs.shape[-1]), dim=-1)  # [R, head] descending
     reach = torch.cumsum(values, dim=-1)
-    if not bool((reach[:, -1:] >= target).all()):
+    if not bool(((reach[:, -1:] >= target) | (p >= 1.0)[:, None]).all()):  # rows passing through need no sort
         values, order = torch.sort(probs, dim=-1, descending=True)  # [R, V]
         reach = torch.cumsum(values, dim=-1)
     keep = (reach - values) < target  # the mass before a token is short of the target
@@ -109,7 +109,7 @@ def draw(x: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], to
          floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, V] fp32 logits of the sampled rows (already biased, penalized and masked) -> tokens [R]
     and ok [R] (False where no distribution is left: the caller keeps another choice). Top-k, then
-    temperature, softmax (terms below `floor` clamped), min-p, then top-p."""
+    temperature, softmax (terms more than `floor` below the maximum count as 0), min-p, then top-p."""
     dev = x.device
     scale = torch.tensor([1.0 / t for t in temperature], dtype=x.dtype, device=dev)[:, None]  # [R, 1]
     x = keep_top_k(x, top_k)

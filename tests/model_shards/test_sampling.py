@@ -41,6 +41,10 @@ def test_top_p_keeps_the_smallest_set() -> None:
     kept = keep_top_p(probs, [0.6, 0.6, 0.01])
     assert kept.tolist() == [pytest.approx([0, 0.5, 0.3, 0]), [0, 5, 3, 0], pytest.approx([0, 0.5, 0, 0])]
     assert torch.equal(keep_top_p(probs, [1.0, 1.0, 1.0]), probs)
+    assert keep_top_p(probs, [0.6, 1.0, 0.01], head=2).tolist() == [pytest.approx([0, 0.5, 0.3, 0]),
+                                                                    [1, 5, 3, 1], pytest.approx([0, 0.5, 0, 0])]
+    wide = torch.tensor([[0.3, 0.2, 0.25, 0.25]])  # the two most likely hold 0.55: whole rows get sorted
+    assert keep_top_p(wide, [0.7], head=2).tolist() == [pytest.approx([0.3, 0, 0.25, 0.25])]
 
 
 def test_sampling_follows_the_distribution() -> None:
