@@ -77,9 +77,9 @@ def keep_top_k(x: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
 
 
 def keep_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """probs [R, V], min_p [R] -> without the tokens less than min_p times as likely as the row's most
-    likely one (not renormalized: the draw divides by the total)."""
-    return probs * (probs >= (min_p[:, None] * probs.amax(dim=-1, keepdim=True)))
+    """probs [R, V] scaled so that each row's most likely token has 1 (as draw() makes them), min_p [R]
+    -> without the tokens less than min_p times as likely as that one (not renormalized)."""
+    return probs * (probs >= min_p[:, None])
 
 
 def keep_top_p(probs: torch.Tensor, top_p: Sequence[float], head: int = TOP_P_HEAD) -> torch.Tensor:
@@ -104,16 +104,17 @@ def keep_top_p(probs: torch.Tensor, top_p: Sequence[float], head: int = TOP_P_HE
     return torch.where((p < 1.0)[:, None], kept, probs)
 
 
-def draw(x: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
-         min_p: Sequence[float], seeds: Sequence[int], steps: Sequence[int],
+def draw(x: torch.Tensor, top: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
+         top_p: Sequence[float], min_p: Sequence[float], seeds: Sequence[int], steps: Sequence[int],
          floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, V] fp32 logits of the sampled rows (already biased, penalized and masked) -> tokens [R]
+    """x [R, V] fp32 logits of the sampled rows (already biased, penalized and masked), top [R] their
+    maxima (the caller has them from its greedy choice) -> tokens [R]
     and ok [R] (False where no distribution is left: the caller keeps another choice). Top-k, then
     temperature, softmax (terms more than `floor` below the maximum count as 0), min-p, then top-p."""
     dev = x.device
     scale = torch.tensor([1.0 / t for t in temperature], dtype=x.dtype, device=dev)[:, None]  # [R, 1]
     x = keep_top_k(x, top_k)
-    shifted = (x - x.amax(dim=-1, keepdim=True)).mul_(scale)  # [R, V] <= 0: the logits over temperature, shifted
+    shifted = (x - top[:, None]).mul_(scale)  # [R, V] <= 0: the logits over temperature, shifted
     # softmax without its normalization. Terms below `floor` (masked ones: -inf) get exactly 0: their mass
     # is below fp32's resolution anyway, and exp() of such arguments, -inf included, takes a slow path
     # (10 ms for [32, 201088] after a top-k, against 1 ms). A row whose maximum is not finite has no

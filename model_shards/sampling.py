@@ -142,8 +142,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequen
     if drawn:
         picked = [params[row] for row in drawn]
         at = torch.tensor(drawn, dtype=torch.long, device=biased.device)
-        rows = biased if len(drawn) == len(params) else biased.index_select(0, at)
-        got, ok = draw(rows, [p.temperature for p in picked], [p.top_k for p in picked],
+        every = len(drawn) == len(params)
+        rows, top = (biased, best) if every else (biased.index_select(0, at), best.index_select(0, at))
+        got, ok = draw(rows, top, [p.temperature for p in picked], [p.top_k for p in picked],
                        [p.top_p for p in picked], [p.min_p for p in picked], [seeds[row] for row in drawn],
                        [steps[row] for row in drawn], EXP_FLOOR)
         # a row with no distribution left (nothing finite) keeps its greedy choice rather than failing

@@ -39,19 +39,20 @@ def test_a_row_draws_the_same_alone_or_in_any_batch() -> None:
     x = torch.randn(4, 3000, generator=gen) * 2
     args = dict(temperature=[0.7, 1.3, 1.0, 0.5], top_k=[0, 50, 0, 10], top_p=[1.0, 0.9, 0.5, 1.0],
                 min_p=[0.0, 0.0, 0.05, 0.0], seeds=[1, 2, 3, 4], steps=[5, 6, 7, 8])
-    together, ok = draw(x, floor=EXP_FLOOR, **args)
+    together, ok = draw(x, x.amax(-1), floor=EXP_FLOOR, **args)
     assert ok.all()
     for row in range(4):
-        alone, _ = draw(x[row:row + 1], floor=EXP_FLOOR, **{k: v[row:row + 1] for k, v in args.items()})
+        one = x[row:row + 1]
+        alone, _ = draw(one, one.amax(-1), floor=EXP_FLOOR, **{k: v[row:row + 1] for k, v in args.items()})
         assert alone.item() == together[row].item()
 
 
 def test_masked_tokens_are_never_drawn_and_nothing_left_is_reported() -> None:
     x = torch.full((2, 500), float("-inf"))
     x[0, [3, 400]] = 0.0  # only two tokens allowed
-    picks = {draw(x[:1], [5.0], [0], [1.0], [0.0], [9], [n], EXP_FLOOR)[0].item() for n in range(200)}
+    picks = {draw(x[:1], x[:1].amax(-1), [5.0], [0], [1.0], [0.0], [9], [n], EXP_FLOOR)[0].item() for n in range(200)}
     assert picks == {3, 400}
-    _, ok = draw(x, [1.0, 1.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [1, 1], [0, 0], EXP_FLOOR)
+    _, ok = draw(x, x.amax(-1), [1.0, 1.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [1, 1], [0, 0], EXP_FLOOR)
     assert ok.tolist() == [True, False]  # row 1 has no token left
 
 
@@ -63,7 +64,7 @@ def test_cuda_draws_what_the_cpu_draws() -> None:
     x = torch.randn(16, 50_000, generator=gen) * 4
     args = dict(temperature=[0.8] * 16, top_k=[0, 40] * 8, top_p=[1.0, 0.9, 0.5, 1.0] * 4, min_p=[0.0] * 16,
                 seeds=list(range(16)), steps=[3] * 16, floor=EXP_FLOOR)
-    cpu, ok_cpu = draw(x, **args)
-    gpu, ok_gpu = draw(x.cuda(), **args)
+    cpu, ok_cpu = draw(x, x.amax(-1), **args)
+    gpu, ok_gpu = draw(x.cuda(), x.amax(-1).cuda(), **args)
     assert gpu.device.type == "cuda" and ok_gpu.cpu().tolist() == ok_cpu.tolist()
     assert (gpu.cpu() == cpu).sum() >= 15
