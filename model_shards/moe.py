@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from model_shards.config import GptOssConfig
-from model_shards.weights import DenseStack, ExpertWeights, RouterWeights
+from model_shards import linear
+from model_shards.weights import STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
 
 
 ROW_BLOCK = 1024  # assignments per block of the expert computation (see row_blocks)
@@ -59,10 +60,10 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
         raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
     for block, segments in row_blocks(spans, ROW_BLOCK):
         sel = order[block]  # [n] this block's assignments, in expert order
-        rows = x.index_select(0, token_index[sel])  # [n, H]: each expert's rows are one contiguous slice
         if batches_well(w, len(segments)):
-            y = batched_experts(rows, segments, w, cfg)
+            y = batched_experts(x, token_index[sel], segments, w, cfg)
         else:
+            rows = x.index_select(0, token_index[sel])  # [n, H]: each expert's rows are one contiguous slice
             sizes = [n for _, n in segments]
             h = torch.cat([w.gate_up.apply(e - w.first, part, w.gate_up_bias[e - w.first])
                            for (e, _), part in zip(segments, rows.split(sizes))])  # [n, 2I]
@@ -80,23 +81,34 @@ def batches_well(w: ExpertWeights, active: int) -> bool:
     return isinstance(w.gate_up, DenseStack) and bool(w.gate_up.packed) and 4 * active >= 3 * w.count
 
 
-def batched_experts(rows: torch.Tensor, segments: list[tuple[int, int]], w: ExpertWeights,
+def batched_experts(x: torch.Tensor, tokens: torch.Tensor, segments: list[tuple[int, int]], w: ExpertWeights,
                     cfg: GptOssConfig) -> torch.Tensor:
-    """rows [n, H] grouped by expert as `segments` say -> [n, H] expert outputs, every expert of the
-    stack in two batched matmuls over rows padded to the busiest expert's count. Measured on the
-    2-core VM, 32 experts x 4 rows of the small preset: 1.48 ms as 32 prepacked matmuls, 1.0 ms batched."""
+    """x [T', H], tokens [n] (row of x per assignment, grouped by expert as `segments` say) -> [n, H]
+    expert outputs, every expert of the stack in batched matmuls over rows padded to the busiest
+    expert's count. Measured on the 2-core VM, 32 experts x 4 rows of the small preset: 1.48 ms as 32
+    prepacked matmuls, 1.0 ms batched. gate_up of a few tokens goes through the whole prepacked stack
+    instead (every token through every expert, then each assignment's row picked): `baddbmm` reorders
+    the weights for the CPU's matrix unit on every call, the prepacked stack does not."""
     assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
-    sizes = torch.tensor([c for _, c in segments], device=rows.device)
+    sizes = torch.tensor([c for _, c in segments], device=x.device)
     firsts = torch.cumsum(sizes, 0) - sizes  # [segments] first row of each
     m = int(sizes.max())
-    local = torch.tensor([e - w.first for e, _ in segments], device=rows.device)
-    rank = torch.arange(rows.shape[0], device=rows.device) - firsts.repeat_interleave(sizes)  # [n] within its expert
-    slots = local.repeat_interleave(sizes) * m + rank  # [n] row of the padded [E * m, H]
-    padded = rows.new_zeros(w.count * m, rows.shape[1])
-    padded[slots] = rows
-    h = torch.baddbmm(w.gate_up_bias[:, None, :], padded.view(w.count, m, -1), w.gate_up.weight.transpose(1, 2))
-    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(rows.dtype)  # [E, m, I]
-    y = torch.baddbmm(w.down_bias[:, None, :], act, w.down.weight.transpose(1, 2))  # [E, m, H]
+    local = torch.tensor([e - w.first for e, _ in segments], device=x.device).repeat_interleave(sizes)  # [n]
+    rank = torch.arange(tokens.shape[0], device=x.device) - firsts.repeat_interleave(sizes)  # [n] within its expert
+    slots = local * m + rank  # [n] row of the padded [E * m, ...]
+    stack = w.gate_up.weight  # [E, 2I, H]
+    if w.gate_up.stacked is not None and x.shape[0] <= STACKED_MAX_TOKENS:
+        every = linear.apply(x, stack.reshape(-1, stack.shape[-1]), w.gate_up_bias.reshape(-1), w.gate_up.stacked)
+        h = every.view(-1, stack.shape[1]).index_select(0, tokens * w.count + local)  # [n, 2I] of [T' * E, 2I]
+        act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [n, I]
+        padded = act.new_zeros(w.count * m, act.shape[1])
+        padded[slots] = act
+    else:
+        padded = x.new_zeros(w.count * m, x.shape[1])
+        padded[slots] = x.index_select(0, tokens)
+        h = torch.baddbmm(w.gate_up_bias[:, None, :], padded.view(w.count, m, -1), stack.transpose(1, 2))
+        padded = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [E, m, I]
+    y = torch.baddbmm(w.down_bias[:, None, :], padded.view(w.count, m, -1), w.down.weight.transpose(1, 2))  # [E, m, H]
     return y.view(w.count * m, -1).index_select(0, slots)
 
 

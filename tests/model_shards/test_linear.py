@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model_shards import linear
+from model_shards.weights import STACKED_MAX_TOKENS
 from model_shards.linear import Linear, bucket_rows
 
 
@@ -59,5 +60,9 @@ def test_warm_up_calls_each_prepacked_shape_at_each_bucket(monkeypatch, tmp_path
               tuple(weights.routers[0].weight.shape), tuple(weights.experts[0].gate_up.weight.shape[1:]),
               tuple(weights.experts[0].down.weight.shape[1:])}
     buckets = sorted({linear.bucket_rows(n) for n in range(1, 65)})
-    expected = {(s, n) for s in shapes for n in buckets} | {((cfg.vocab_size, cfg.hidden_size), n) for n in (1, 2, 3, 4)}
+    gate_up = weights.experts[0].gate_up.weight
+    stacked = (gate_up.shape[0] * gate_up.shape[1], gate_up.shape[2])  # the whole stack, up to STACKED_MAX_TOKENS
+    expected = ({(s, n) for s in shapes for n in buckets}
+                | {(stacked, linear.bucket_rows(n)) for n in range(1, min(64, STACKED_MAX_TOKENS) + 1)}
+                | {((cfg.vocab_size, cfg.hidden_size), n) for n in (1, 2, 3, 4)})
     assert set(seen) == expected and calls == len(seen) == len(expected)

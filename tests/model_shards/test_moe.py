@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model_shards.config import preset
 from model_shards.moe import combine, moe_block, route, run_experts, swiglu
 from model_shards.random_checkpoint import random_weights
-from model_shards.weights import DenseStack, ExpertWeights, RouterWeights
+from model_shards.weights import STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
 
 
 def test_swiglu_clamps_and_interleave() -> None:
@@ -95,7 +96,8 @@ def test_blocked_expert_rows_give_the_same_outputs(monkeypatch) -> None:
     assert torch.equal(moe_block(t, weights.routers[0], weights.experts[0], cfg), whole)
 
 
-def test_batched_experts_equal_the_per_expert_path() -> None:
+@pytest.mark.parametrize("tokens", [5, STACKED_MAX_TOKENS + 1])  # gate_up through the whole stack, then padded
+def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
     from model_shards.moe import batched_experts, batches_well
     from model_shards.weights import prepare
 
@@ -107,12 +109,15 @@ def test_batched_experts_equal_the_per_expert_path() -> None:
     experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
     prepare(experts)
     segments = [(e, 1 + e % 3) for e in range(cfg.num_experts)]
-    rows = torch.randn(sum(c for _, c in segments), cfg.hidden_size, dtype=torch.bfloat16)
+    x = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16)
+    index = torch.randint(0, tokens, (sum(c for _, c in segments),))  # [n] token of each assignment
+    rows = x[index]
     per_expert = torch.cat([experts.down.apply(e, swiglu(experts.gate_up.apply(e, part, experts.gate_up_bias[e])
                                                              .float(), cfg.swiglu_limit, cfg.swiglu_alpha).bfloat16(),
                                                experts.down_bias[e])
                             for (e, _), part in zip(segments, rows.split([c for _, c in segments]))])
     if experts.gate_up.packed and experts.gate_up.packed[0] is not None:  # a CPU that prepacks bf16
         assert batches_well(experts, len(segments)) and not batches_well(experts, 2)
-    batched = batched_experts(rows, segments, experts, cfg)
+        assert experts.gate_up.stacked is not None
+    batched = batched_experts(x, index, segments, experts, cfg)
     assert torch.allclose(batched.float(), per_expert.float(), atol=3e-2, rtol=2e-2)  # bf16 rounding apart
