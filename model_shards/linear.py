@@ -47,14 +47,19 @@ def bucket_rows(n: int) -> int:
 def apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
     """x [N, in] -> [N, out] = x W^T + b, through the prepacked weight when there is one."""
     if packed is not None and x.dtype == weight.dtype and x.dim() == 2 and x.shape[0] > 0:
-        n = x.shape[0]
-        rows = bucket_rows(n)
-        if rows == n:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-        padded = x.new_zeros(rows, x.shape[1])
-        padded[:n] = x
-        return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:n]
+        return apply_packed(x, packed, bias)
     return F.linear(x, weight, bias)
+
+
+def apply_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] bf16 (N > 0) -> [N, out] through a prepacked weight, rows padded to their bucket."""
+    n = x.shape[0]
+    rows = bucket_rows(n)
+    if rows == n:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    padded = x.new_zeros(rows, x.shape[1])
+    padded[:n] = x
+    return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:n]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from model_shards.config import GptOssConfig
 from model_shards import linear
-from model_shards.weights import STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
+from model_shards.weights import FUSED_MAX_TOKENS, STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
 
 
 ROW_BLOCK = 1024  # assignments per block of the expert computation (see row_blocks)
@@ -134,14 +134,52 @@ def combine(weighted: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return weighted.view(-1, k, weighted.shape[-1]).sum(dim=1).to(dtype)
 
 
+def fuses_well(w: ExpertWeights, tokens: int, active: int) -> bool:
+    """fused_experts pays for few tokens over at least half of the experts (below that, the per-expert
+    matmuls read less): measured on the 2-core VM, small preset, bare decode steps at batch 4 / 8 / 12."""
+    return (isinstance(w.down, DenseStack) and w.down.stacked is not None and isinstance(w.gate_up, DenseStack)
+            and w.gate_up.stacked is not None and tokens <= FUSED_MAX_TOKENS and 2 * active >= w.count)
+
+
+def fused_experts(t: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w: ExpertWeights,
+                  cfg: GptOssConfig) -> torch.Tensor:
+    """t [T, H], expert_ids/gates [T, K] -> MoE output [T, H] in t's dtype, with every expert of the
+    layer in `w`, in two prepacked matmuls: gate_up of every token through every expert (the stack by
+    rows), then each token's K gate-weighted activations placed in their experts' columns of one
+    [T, E * I] row, through the experts side by side, which sums the K outputs in the matmul.
+
+    The gate multiplies the activation (rounded to the model dtype) instead of the expert's output,
+    and the K outputs are summed in fp32 inside the matmul in its own order: bf16 rounding apart from
+    combine(run_experts(...)), which keeps the fixed k order the cluster reproduces (float32 always
+    takes that path: nothing is prepacked there)."""
+    assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+    assert w.gate_up.stacked is not None and w.down.stacked is not None
+    tokens, k = expert_ids.shape
+    n, inter = w.count, w.down.weight.shape[2]
+    local = expert_ids - w.first  # [T, K]
+    rows = (torch.arange(tokens, device=t.device)[:, None] * n + local).flatten()  # [T*K] of [T * E]
+    every = linear.apply_packed(t, w.gate_up.stacked, w.gate_up_bias.reshape(-1))  # [T, E * 2I]
+    h = every.view(tokens * n, -1).index_select(0, rows)  # [T*K, 2I]
+    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).mul_(gates.reshape(-1, 1))  # [T*K, I] fp32
+    wide = t.new_zeros(tokens * n, inter).index_copy_(0, rows, act.to(t.dtype))  # [T * E, I]
+    y = linear.apply_packed(wide.view(tokens, n * inter), w.down.stacked, None)  # [T, H]
+    weights = torch.zeros(tokens, n, dtype=torch.float32, device=t.device).scatter_(1, local, gates.float())  # [T, E]
+    return torch.addmm(y.float(), weights, w.down_bias.float()).to(t.dtype)  # + sum_k gate_k * b2[e_k]
+
+
 def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cfg: GptOssConfig,
               counts: torch.Tensor | None = None) -> torch.Tensor:
     """t [T, H] (already normed) -> MoE output [T, H], with every expert in one place. `counts`
     [E], when given, is incremented by the tokens routed to each expert."""
     k = cfg.experts_per_token
     expert_ids, gates = route(t, router, k)  # [T, K]
-    if counts is not None:
-        counts += torch.bincount(expert_ids.flatten().cpu(), minlength=counts.shape[0])
+    fusable = fuses_well(experts, t.shape[0], experts.count)
+    if counts is not None or fusable:
+        routed = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts).cpu()  # [E]
+        if counts is not None:
+            counts += routed
+        if fusable and fuses_well(experts, t.shape[0], int(routed.count_nonzero())):
+            return fused_experts(t, expert_ids, gates, experts, cfg)
     token_index = torch.arange(t.shape[0], device=t.device).repeat_interleave(k)  # [T*K]
     weighted = run_experts(t, token_index, expert_ids.flatten(), gates.flatten(), experts, cfg)
     return combine(weighted, k, t.dtype)

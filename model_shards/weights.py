@@ -42,6 +42,14 @@ RouterWeights = Linear  # [E, H] + [E]
 # weights' read hides up to here (measured on the 2-core VM, small preset, 32 experts: 1.4 against
 # 2.0 ms at 8 tokens, 1.8 against 1.9 at 32, 2.1 against 2.4 at 64).
 STACKED_MAX_TOKENS = 64
+# Tokens up to which the local engine's MoE runs down and the combine as one matmul through the
+# experts side by side (moe.fused_experts): 0.58 against 0.85 ms at 16 tokens, 0.78 against 0.85 at
+# 32, even at 48 (same VM and model).
+FUSED_MAX_TOKENS = 32
+# Expert stacks above this size are not stacked (their memory would count three times: the weights,
+# the per-expert prepacked copies, the stacked copy); 256 MiB keeps it to small models such as the
+# small preset (32 MiB per gate_up stack; gpt-oss-20b's are 1 GiB).
+STACKED_MAX_BYTES = 256 << 20
 
 
 @dataclass
@@ -50,7 +58,8 @@ class DenseStack:
 
     weight: torch.Tensor  # [n, out, in]
     packed: list[torch.Tensor | None] = field(default_factory=list, repr=False, compare=False)
-    # the n matrices as one prepacked [n * out, in] weight (stack_whole), or None
+    # the n matrices as one prepacked weight, or None: stacked by rows, [n * out, in] (stack_rows), or
+    # side by side, [out, n * in] (stack_columns)
     stacked: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
@@ -65,11 +74,24 @@ class DenseStack:
     def prepare(self) -> None:
         self.packed = [linear.prepack(w) for w in self.weight]
 
-    def stack_whole(self) -> None:
-        """Also prepack the n matrices as one [n * out, in] weight (where prepacking applies): every
-        row through every expert in one call, which reads the stack at full speed (moe.py:
-        batched_experts). It costs the stack's memory once more."""
-        self.stacked = linear.prepack(self.weight.reshape(-1, self.weight.shape[-1]))
+    def stack_rows(self) -> None:
+        """Also prepack the n matrices as one [n * out, in] weight (where prepacking applies and the
+        stack is at most STACKED_MAX_BYTES): every row through every expert in one call, which reads
+        the stack at full speed (moe.py: batched_experts, fused_experts). It costs the stack's memory
+        once more."""
+        if self._stackable():
+            self.stacked = linear.prepack(self.weight.reshape(-1, self.weight.shape[-1]))
+
+    def stack_columns(self) -> None:
+        """Also prepack the n matrices side by side as one [out, n * in] weight: rows holding each
+        expert's input in that expert's columns (zeros elsewhere) get the sum of the experts' outputs
+        in one call (moe.py: fused_experts). Same conditions and cost as stack_rows."""
+        if self._stackable():
+            n, out, cols = self.weight.shape
+            self.stacked = linear.prepack(self.weight.permute(1, 0, 2).reshape(out, n * cols))
+
+    def _stackable(self) -> bool:
+        return linear.can_prepack(self.weight[0]) and self.weight.numel() * self.weight.element_size() <= STACKED_MAX_BYTES
 
     def logical_numel(self) -> int:
         return self.weight.numel()
@@ -153,14 +175,18 @@ class ModelWeights:
         return sum(t.numel() if isinstance(t, torch.Tensor) else t.logical_numel() for t in _leaves(self))
 
 
-def prepare(obj: object) -> None:
+def prepare(obj: object, whole_moe: bool = False) -> None:
     """Make the runtime forms of every linear weight and expert stack in `obj` (prepacked GEMM
-    weights where the device has them: linear.py). Call after moving the weights to their device."""
+    weights where the device has them: linear.py). Call after moving the weights to their device.
+    `whole_moe`: the MoE block runs here with every expert of each layer (the local engine), so
+    down's experts are also stacked side by side for moe.fused_experts."""
     for part in _parts(obj):
         if isinstance(part, (Linear, DenseStack, Mxfp4Stack)):
             part.prepare()
         if isinstance(part, ExpertWeights) and isinstance(part.gate_up, DenseStack):
-            part.gate_up.stack_whole()  # only gate_up: down's rows differ per expert
+            part.gate_up.stack_rows()
+            if whole_moe and isinstance(part.down, DenseStack):
+                part.down.stack_columns()
 
 
 def _parts(obj: object, whole: tuple[type, ...] = ()) -> Iterator[object]:
@@ -212,6 +238,10 @@ def _kernels_of(part: object, rows: int, sampled: int) -> list[_Kernel]:
         if isinstance(stack, DenseStack) and stack.stacked is not None:
             kernels.append((stack.weight.reshape(-1, stack.weight.shape[-1]), part.gate_up_bias.reshape(-1),
                             stack.stacked, min(rows, STACKED_MAX_TOKENS)))
+        stack = part.down
+        if isinstance(stack, DenseStack) and stack.stacked is not None:
+            n, out, cols = stack.weight.shape
+            kernels.append((stack.weight.new_zeros(1).expand(out, n * cols), None, stack.stacked, min(rows, FUSED_MAX_TOKENS)))
         return kernels
     return []
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model_shards import linear
-from model_shards.weights import STACKED_MAX_TOKENS
+from model_shards.weights import FUSED_MAX_TOKENS, STACKED_MAX_TOKENS
 from model_shards.linear import Linear, bucket_rows
 
 
@@ -62,7 +62,10 @@ def test_warm_up_calls_each_prepacked_shape_at_each_bucket(monkeypatch, tmp_path
     buckets = sorted({linear.bucket_rows(n) for n in range(1, 65)})
     gate_up = weights.experts[0].gate_up.weight
     stacked = (gate_up.shape[0] * gate_up.shape[1], gate_up.shape[2])  # the whole stack, up to STACKED_MAX_TOKENS
+    down = weights.experts[0].down.weight
+    side_by_side = (down.shape[1], down.shape[0] * down.shape[2])  # the local engine's fused down, up to FUSED_MAX_TOKENS
     expected = ({(s, n) for s in shapes for n in buckets}
                 | {(stacked, linear.bucket_rows(n)) for n in range(1, min(64, STACKED_MAX_TOKENS) + 1)}
+                | {(side_by_side, linear.bucket_rows(n)) for n in range(1, min(64, FUSED_MAX_TOKENS) + 1)}
                 | {((cfg.vocab_size, cfg.hidden_size), n) for n in (1, 2, 3, 4)})
     assert set(seen) == expected and calls == len(seen) == len(expected)

@@ -6,7 +6,8 @@ import torch
 from model_shards.config import preset
 from model_shards.moe import combine, moe_block, route, run_experts, swiglu
 from model_shards.random_checkpoint import random_weights
-from model_shards.weights import STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
+from model_shards import linear
+from model_shards.weights import FUSED_MAX_TOKENS, STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
 
 
 def test_swiglu_clamps_and_interleave() -> None:
@@ -121,3 +122,66 @@ def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
         assert experts.gate_up.stacked is not None
     batched = batched_experts(x, index, segments, experts, cfg)
     assert torch.allclose(batched.float(), per_expert.float(), atol=3e-2, rtol=2e-2)  # bf16 rounding apart
+
+
+def _prepacked_bf16_experts(whole_moe: bool = True):
+    from model_shards.weights import prepare
+
+    cfg = preset("tiny")
+    weights = random_weights(cfg, seed=4)
+    experts = weights.experts[0]
+    for stack in (experts.gate_up, experts.down):
+        stack.weight = stack.weight.to(torch.bfloat16)
+    experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
+    prepare(experts, whole_moe=whole_moe)
+    return cfg, weights.routers[0], experts
+
+
+needs_prepack = pytest.mark.skipif(not linear.can_prepack(torch.zeros(2, 2, dtype=torch.bfloat16)),
+                                   reason="no oneDNN prepacking on this build")
+
+
+@needs_prepack
+@pytest.mark.parametrize("tokens", [1, 6, FUSED_MAX_TOKENS])
+def test_fused_experts_equal_run_experts_and_combine_within_bf16_rounding(tokens: int) -> None:
+    from model_shards.moe import fused_experts
+
+    cfg, router, experts = _prepacked_bf16_experts()
+    router.weight, router.bias = router.weight.bfloat16(), router.bias.bfloat16()
+    t = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expert_ids, gates = route(t, router, cfg.experts_per_token)
+        k = cfg.experts_per_token
+        reference = combine(run_experts(t, torch.arange(tokens).repeat_interleave(k), expert_ids.flatten(),
+                                        gates.flatten(), experts, cfg), k, t.dtype)
+        fused = fused_experts(t, expert_ids, gates, experts, cfg)
+    assert fused.shape == reference.shape and fused.dtype == torch.bfloat16
+    assert torch.allclose(fused.float(), reference.float(), atol=2e-2, rtol=2e-2)  # bf16 rounding apart
+    assert (fused.float() - reference.float()).abs().mean() < 2e-3
+
+
+@needs_prepack
+def test_moe_block_fuses_only_few_tokens_over_most_experts_with_both_stacks(monkeypatch) -> None:
+    import model_shards.moe as moe
+
+    cfg, router, experts = _prepacked_bf16_experts()
+    assert moe.fuses_well(experts, FUSED_MAX_TOKENS, experts.count // 2)
+    assert not moe.fuses_well(experts, FUSED_MAX_TOKENS + 1, experts.count)  # many tokens: the padded batched path
+    assert not moe.fuses_well(experts, 4, experts.count // 2 - 1)  # few experts in use: one matmul each
+    _, _, shard = _prepacked_bf16_experts(whole_moe=False)  # a cluster shard: its outputs go to the router's combine
+    assert shard.gate_up.stacked is not None and shard.down.stacked is None and not moe.fuses_well(shard, 4, shard.count)
+    calls = []
+    monkeypatch.setattr(moe, "fused_experts", lambda *a: calls.append(a) or torch.zeros(a[0].shape, dtype=a[0].dtype))
+    router.weight, router.bias = router.weight.bfloat16(), router.bias.bfloat16()
+    counts = torch.zeros(cfg.num_experts, dtype=torch.long)
+    with torch.inference_mode():
+        moe.moe_block(torch.randn(8, cfg.hidden_size, dtype=torch.bfloat16), router, experts, cfg, counts)
+    assert len(calls) == int((counts > 0).sum() * 2 >= experts.count) and int(counts.sum()) == 8 * cfg.experts_per_token
+
+
+def test_experts_above_the_size_cap_are_not_stacked(monkeypatch) -> None:
+    import model_shards.weights as weights_module
+
+    monkeypatch.setattr(weights_module, "STACKED_MAX_BYTES", 1024)
+    _, _, experts = _prepacked_bf16_experts()
+    assert experts.gate_up.stacked is None and experts.down.stacked is None
