@@ -7,14 +7,20 @@ The single-process model calls the same three in a row.
 Assignments are the T*K (token, k) pairs in token-major order. Each expert output is weighted by its
 gate and returned per assignment in fp32; `combine` sums the K of a token in k order. The sum order
 therefore does not depend on how experts are split over shards.
+
+How run_experts computes, by device and step: on CUDA (bf16), two grouped matmuls over every expert
+(`grouped_experts`); on a CPU that prepacks bf16, the whole stack in batched matmuls when most experts
+have rows (`batched_experts`), else one prepacked matmul per expert; float32 always one matmul per
+expert (the exactness reference). The local engine's `moe_block` may instead fuse down and the
+combine for few tokens (`fused_experts`: bf16 on such a CPU only).
 """
 
 from __future__ import annotations
 
 import torch
 
-from model_shards.config import GptOssConfig
 from model_shards import linear
+from model_shards.config import GptOssConfig
 from model_shards.weights import FUSED_MAX_TOKENS, STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
 
 
@@ -53,6 +59,8 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     out = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)  # every row is written below
     if n == 0:
         return out
+    if uses_grouped_mm(x, w):
+        return grouped_experts(x, token_index, expert_ids, gates, w, cfg)
     order = torch.argsort(expert_ids, stable=True)  # [N] assignments grouped by expert
     experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
     spans = list(zip(experts.tolist(), counts.tolist()))  # the one host sync
@@ -71,6 +79,40 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
             y = torch.cat([w.down.apply(e - w.first, part, w.down_bias[e - w.first])
                            for (e, _), part in zip(segments, act.split(sizes))])  # [n, H]
         out[sel] = y * gates[sel].to(torch.float32)[:, None]  # promoted to fp32 in the product: no copy of y first
+    return out
+
+
+def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
+    """On CUDA, bf16 dense experts run as two grouped matmuls (`torch._grouped_mm`), whatever the step:
+    no loop over experts and no host sync but one. On CPU the prepacked paths are faster (measured on
+    the 2-core VM, 32 experts: 1.74 against 1.38 ms at 1 row each, 6.25 against 4.77 ms at 256)."""
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+            and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
+
+
+def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                    w: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
+    """run_experts' contract (x [T', H], token_index/expert_ids/gates [N] -> [N, H] fp32 weighted
+    outputs) in two grouped matmuls over the assignments sorted by expert: group e is the rows of
+    expert e, empty groups included. Any device where torch has the op (tests run it on CPU)."""
+    local = expert_ids - w.first  # [N]
+    try:
+        counts = torch.bincount(local, minlength=w.count)  # [E]; its size is the one host sync
+    except RuntimeError:  # a negative id
+        counts = None
+    if counts is None or counts.shape[0] != w.count:
+        raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
+    order = torch.argsort(local, stable=True)  # [N] assignments grouped by expert
+    experts = local[order]  # [N] local expert of each sorted row
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
+    rows = x.index_select(0, token_index[order])  # [N, H]
+    h = torch._grouped_mm(rows, w.gate_up.weight.transpose(1, 2), offs=ends)  # [N, 2I]
+    h = h + w.gate_up_bias.index_select(0, experts)
+    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [N, I]
+    y = torch._grouped_mm(act, w.down.weight.transpose(1, 2), offs=ends) + w.down_bias.index_select(0, experts)
+    out = torch.empty(local.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    out[order] = y * gates[order].to(torch.float32)[:, None]
     return out
 
 

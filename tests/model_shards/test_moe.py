@@ -185,3 +185,65 @@ def test_experts_above_the_size_cap_are_not_stacked(monkeypatch) -> None:
     monkeypatch.setattr(weights_module, "STACKED_MAX_BYTES", 1024)
     _, _, experts = _prepacked_bf16_experts()
     assert experts.gate_up.stacked is None and experts.down.stacked is None
+
+
+def _bf16_experts(seed: int = 6):
+    cfg = preset("tiny")
+    experts = random_weights(cfg, seed=seed).experts[0]
+    for stack in (experts.gate_up, experts.down):
+        stack.weight = stack.weight.to(torch.bfloat16)
+    experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
+    return cfg, experts
+
+
+def _assignments(cfg, tokens: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    k = cfg.experts_per_token
+    expert_ids = torch.stack([torch.randperm(cfg.num_experts, generator=gen)[:k] for _ in range(tokens)]).flatten()
+    gates = torch.rand(tokens * k, generator=gen).bfloat16()
+    x = torch.randn(tokens, cfg.hidden_size, generator=gen).bfloat16()
+    return x, torch.arange(tokens).repeat_interleave(k), expert_ids, gates
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # some experts without rows (empty groups) at 1 and 3
+def test_grouped_experts_equal_the_per_expert_path_within_bf16_rounding(tokens: int) -> None:
+    from model_shards.moe import grouped_experts, uses_grouped_mm
+
+    cfg, experts = _bf16_experts()
+    x, token_index, expert_ids, gates = _assignments(cfg, tokens)
+    assert not uses_grouped_mm(x, experts)  # on CPU the prepacked paths run: the reference here
+    reference = run_experts(x, token_index, expert_ids, gates, experts, cfg)
+    grouped = grouped_experts(x, token_index, expert_ids, gates, experts, cfg)
+    assert grouped.dtype == torch.float32 and grouped.shape == reference.shape
+    assert torch.allclose(grouped, reference, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+def test_grouped_experts_refuse_assignments_outside_the_stack() -> None:
+    from model_shards.moe import grouped_experts
+
+    cfg, experts = _bf16_experts()
+    x, token_index, expert_ids, gates = _assignments(cfg, 2)
+    for bad in (cfg.num_experts, -1):
+        ids = expert_ids.clone()
+        ids[0] = bad
+        with pytest.raises(ValueError, match="outside experts"):
+            grouped_experts(x, token_index, ids, gates, experts, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 64, 600])
+def test_run_experts_on_cuda_take_the_grouped_path_and_match_the_cpu(tokens: int) -> None:
+    import model_shards.moe as moe
+    from model_shards.weights import move_to
+
+    cfg, experts = _bf16_experts()
+    x, token_index, expert_ids, gates = _assignments(cfg, tokens)
+    reference = run_experts(x, token_index, expert_ids, gates, experts, cfg)
+    move_to(experts, "cuda")
+    args = [t.cuda() for t in (x, token_index, expert_ids, gates)]
+    assert moe.uses_grouped_mm(args[0], experts)
+    got = run_experts(*args, experts, cfg)
+    assert torch.allclose(got.cpu(), reference, atol=2e-2, rtol=2e-2)
