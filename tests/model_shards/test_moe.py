@@ -99,7 +99,7 @@ def test_blocked_expert_rows_give_the_same_outputs(monkeypatch) -> None:
 
 @pytest.mark.parametrize("tokens", [5, STACKED_MAX_TOKENS + 1])  # gate_up through the whole stack, then padded
 def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
-    from model_shards.moe import batched_experts, batches_well
+    from model_shards.moe import BATCHED_MAX_ROWS, batched_experts, batches_well
     from model_shards.weights import prepare
 
     cfg = preset("tiny")
@@ -118,7 +118,9 @@ def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
                                                experts.down_bias[e])
                             for (e, _), part in zip(segments, rows.split([c for _, c in segments]))])
     if experts.gate_up.packed and experts.gate_up.packed[0] is not None:  # a CPU that prepacks bf16
-        assert batches_well(experts, len(segments)) and not batches_well(experts, 2)
+        n = sum(c for _, c in segments)
+        assert batches_well(experts, len(segments), n) and not batches_well(experts, 2, 2)
+        assert not batches_well(experts, len(segments), (BATCHED_MAX_ROWS + 1) * len(segments))  # prefill-sized
         assert experts.gate_up.stacked is not None
     batched = batched_experts(x, index, segments, experts, cfg)
     assert torch.allclose(batched.float(), per_expert.float(), atol=3e-2, rtol=2e-2)  # bf16 rounding apart
