@@ -40,7 +40,7 @@ class PlaneMember:
     def info(self) -> ActorInfo:
         experts = list(self.obj.experts) if self.obj.experts is not None else None
         return ActorInfo(self.obj.role, self.obj.index, os.getpid(), ray.get_runtime_context().get_node_id(),
-                         str(self.obj.device), experts)
+                         str(self.obj.device), experts, self.threads)
 
     def listen(self, plane: PlaneSpec) -> dict[str, Address]:
         if self.endpoint is not None:

@@ -72,13 +72,12 @@ class ClusterExecutor(Executor):
         connect_ray(ray_address, len(members) * c.cpus_per_actor)
         self.pg = reserve([bundle(c.cpus_per_actor, g, extra) for *_, g, extra in members], c.placement_strategy,
                           c.recovery_timeout_s)
-        threads = max(1, int(c.cpus_per_actor))
         self.actors = {
             name: REMOTE_MEMBERS[role].options(
                 num_cpus=c.cpus_per_actor, num_gpus=gpus, resources=extra or None, max_restarts=c.max_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(role, spec, threads)
+            ).remote(role, spec, c.threads(role))
             for i, (name, role, spec, gpus, extra) in enumerate(members)
         }
         self.balancer = Rebalancer(placement, c.eplb_interval, self.actors[ROUTER],

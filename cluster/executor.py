@@ -124,7 +124,8 @@ class LocalExecutor(Executor):
         self.recoveries += 1
 
     def topology(self) -> list[ActorInfo]:
-        return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts])]
+        return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts],
+                          self.threads)]
 
     def stats(self) -> ExecutorStats:
         per_layer = tuple((int(n),) for n in self.expert_tokens.sum(1).tolist())  # one "shard": every expert

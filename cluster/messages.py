@@ -143,3 +143,4 @@ class ActorInfo:
     node: str
     device: str
     experts: list[int] | None = None  # [a, b) for expert shards
+    threads: int | None = None  # the torch threads it computes with

@@ -41,7 +41,7 @@ def cluster(ray_session, tiny_hf: Path):
     # two micro-batches per replica: its groups' attention and MoE alternate (the tcp test below runs one)
     executor = ClusterExecutor(ModelSource(str(tiny_hf), "float32"),
                                ClusterConfig(attention_replicas=2, expert_shards=3, micro_batches=2,
-                                             step_timeout_s=30), KV)
+                                             threads_per_router=2, step_timeout_s=30), KV)
     engine = Engine(executor)
     yield engine
     engine.shutdown()
@@ -81,6 +81,8 @@ def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
     owned = sorted(e for a in topology if a.role == "expert_shard" for e in range(*a.experts))
     assert owned == list(range(cluster.model_config.num_experts))
+    # torch threads: --cpus-per-actor (1) unless the role's own option says otherwise
+    assert {a.role: a.threads for a in topology} == {"attention_replica": 1, "router": 2, "expert_shard": 1}
 
 
 def test_actor_processes_are_named_by_role(cluster: Engine) -> None:
