@@ -99,8 +99,8 @@ class ClusterConfig:
                                         "--threads-per-* option says otherwise", gt=0)
     # Torch threads may differ from the reservation: with one micro-batch an attention replica
     # computes only while its shards wait, so on a small node it may use every core (README,
-    # Performance: the 2-core VM, replica threads 1 -> 2 at batch 16 / 64: 74.2 -> 65.6, 116.9 ->
-    # 101.4 ms per step).
+    # Performance: on the 2-core VM two replica threads made cluster steps at batch 1 / 16 / 64
+    # about 10 / 5 / 10% shorter).
     threads_per_attention_replica: int | None = option(None, "torch threads of each attention replica "
                                                              "(default: --cpus-per-actor)", ge=1)
     threads_per_expert_shard: int | None = option(None, "torch threads of each expert shard (default: "
