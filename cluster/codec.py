@@ -1,7 +1,7 @@
 """Encoding of data-plane messages.
 
-The per-layer messages (MoeRequest, ShardRequest, MoeRoute, ShardResult) hold only ints, floats and
-tensors; they get a fixed binary header built from their dataclass fields, because pickling them
+The per-layer messages (MoeRequest, ShardRequest, MoeRoute, ShardResult) hold only ints, floats, bools
+and tensors; they get a fixed binary header built from their dataclass fields, because pickling them
 cost 100-300 us per message inside the actors (measured; see README "Data plane"), several times the
 channel itself. Everything else (one ReplicaStep and StepResult per step) is pickled, with its
 tensors taken out of band. Either way the tensors' bytes follow the header raw: sent from a numpy
@@ -10,7 +10,7 @@ one receive buffer. Measured in a warm loop on the 2-core VM, send + receive of 
 went from 85 to 50 us with these views instead of torch.frombuffer / detach / to / contiguous calls.
 
 Header: b"F", type index, tensor count, each tensor's rank, then one struct of the fields in order
-(int: q, float: d, tensor: dtype code B and its dims); or b"P" + pickle of (tensor specs, body).
+(int: q, float: d, bool: ?, tensor: dtype code B and its dims); or b"P" + pickle of (tensor specs, body).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
           torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
 ALIGN = 16  # tensors start at aligned offsets of the received buffer
-_KINDS = {"int": "i", "float": "f", "torch.Tensor": "t"}
+_KINDS = {"int": "i", "float": "f", "bool": "b", "torch.Tensor": "t"}
 
 
 def _layout(cls: type) -> tuple[tuple[str, str], ...]:
@@ -86,7 +86,7 @@ def _format(index: int, ndims: tuple[int, ...]) -> struct.Struct:
     """The one struct of a fast message's fields, given its tensors' ranks."""
     parts, ranks = ["<"], iter(ndims)
     for _, kind in _LAYOUTS[FAST_TYPES[index]][1]:
-        parts.append("q" if kind == "i" else "d" if kind == "f" else f"B{next(ranks)}q")
+        parts.append({"i": "q", "f": "d", "b": "?"}.get(kind) or f"B{next(ranks)}q")
     return struct.Struct("".join(parts))
 
 

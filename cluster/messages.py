@@ -129,8 +129,10 @@ class ShardResult:
     step_id: int
     layer: int
     micro: int
-    weighted: torch.Tensor  # [N_rs, H] fp32 gate * expert output of one replica's assignments
+    weighted: torch.Tensor  # [N_rs, H] fp32 gate * expert output of one replica's assignments, or with
+    #   `summed` [R_rs, H]: per token of them (ascending), the sum of its assignments' (moe.fused_rows)
     compute_s: float  # the shard's compute for the whole layer (all replicas' rows)
+    summed: bool = False
 
 
 @dataclass

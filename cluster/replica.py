@@ -66,17 +66,14 @@ class AttentionReplica:
             began = time.perf_counter()
             route: MoeRoute = ep.recv(ROUTER)
             _expect(route, step.step_id, layer, micro, "the router")
-            d = self.device  # answers arrive on the host (rings, TCP) or on this device (NCCL)
-            weighted = torch.empty(route.slots.shape[0], self.model.config.hidden_size, dtype=torch.float32, device=d)
-            slots, offset, slowest = route.slots.to(d), 0, 0.0
-            for shard, count in zip(route.shards.tolist(), route.counts.tolist()):
-                part: ShardResult = ep.recv(shard_name(shard))
-                _expect(part, step.step_id, layer, micro, f"shard {shard}")
-                weighted[slots[offset:offset + count]] = part.weighted.to(d)
-                offset, slowest = offset + count, max(slowest, part.compute_s)
+            parts: list[ShardResult] = []
+            for shard in route.shards.tolist():
+                parts.append(ep.recv(shard_name(shard)))
+                _expect(parts[-1], step.step_id, layer, micro, f"shard {shard}")
             waited += time.perf_counter() - began
-            shard_s += slowest
-            return combine(weighted, k, self.model.dtype)
+            shard_s += max((p.compute_s for p in parts), default=0.0)
+            # answers arrive on the host (rings, TCP) or on this device (NCCL)
+            return merge_answers(route, parts, k, self.model.dtype, self.device)
 
         sampled = run_micro_batched(self.model, self.kv, step, send, recv, self.histories)
         return StepResult(step.step_id, self.index, sampled, time.perf_counter() - start - waited, waited,
@@ -84,6 +81,28 @@ class AttentionReplica:
 
     def stats(self) -> ReplicaStats:
         return ReplicaStats(self.kv.usage())
+
+
+def merge_answers(route: MoeRoute, parts: list[ShardResult], k: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The answers of route.shards (in that order) to one replica's T tokens -> its MoE output [T, H]
+    in `dtype`: per-assignment outputs go to their t*K + k slots and are summed over k in order; the
+    answers that came summed per token (moe.fused_rows) are added after, in shard order (moe.combine)."""
+    slots = route.slots.to(device)  # [T*K] grouped by shard, token-major within each
+    weighted = torch.empty(slots.shape[0], parts[0].weighted.shape[1], dtype=torch.float32, device=device)
+    summed: torch.Tensor | None = None  # [T, H]
+    offset = 0
+    for part, count in zip(parts, route.counts.tolist()):
+        mine = slots[offset:offset + count]
+        offset += count
+        if not part.summed:
+            weighted[mine] = part.weighted.to(device)
+            continue
+        weighted[mine] = 0
+        if summed is None:
+            summed = torch.zeros(slots.shape[0] // k, weighted.shape[1], dtype=torch.float32, device=device)
+        summed.index_add_(0, torch.unique_consecutive(mine // k), part.weighted.to(device))  # its tokens, ascending
+    return combine(weighted, k, dtype, summed)
 
 
 def _expect(message: MoeRoute | ShardResult, step_id: int, layer: int, micro: int, sender: str) -> None:

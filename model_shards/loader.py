@@ -34,6 +34,6 @@ def load_local_model(model: str, dtype: torch.dtype = torch.bfloat16, keep_mxfp4
         read = ckpt.bytes_read
     if device != "cpu":
         move_to(weights, device)
-    prepare(weights, whole_moe=True)
+    prepare(weights)
     log.info("loaded %s (%s layout, %.1f MB) in %.1fs", model, ckpt.layout, read / 1e6, time.perf_counter() - start)
     return GptOssModel(weights)

@@ -11,8 +11,9 @@ therefore does not depend on how experts are split over shards.
 How run_experts computes, by device and step: on CUDA (bf16), two grouped matmuls over every expert
 (`grouped_experts`); on a CPU that prepacks bf16, the whole stack in batched matmuls when most experts
 have rows (`batched_experts`), else one prepacked matmul per expert; float32 always one matmul per
-expert (the exactness reference). The local engine's `moe_block` may instead fuse down and the
-combine for few tokens (`fused_experts`: bf16 on such a CPU only).
+expert (the exactness reference). For few tokens over most experts (bf16 on such a CPU only) the
+gate-weighted sum of each token's outputs may instead come from two matmuls (`fused_rows`): the local
+engine's `moe_block` through `fused_experts`, an expert shard for its part of each token's K.
 """
 
 from __future__ import annotations
@@ -177,42 +178,55 @@ def row_blocks(spans: list[tuple[int, int]], limit: int) -> list[tuple[slice, li
     return blocks
 
 
-def combine(weighted: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T*K, H] fp32 per assignment (token-major) -> [T, H] in `dtype`, summed over k in order."""
-    return weighted.view(-1, k, weighted.shape[-1]).sum(dim=1).to(dtype)
+def combine(weighted: torch.Tensor, k: int, dtype: torch.dtype, summed: torch.Tensor | None = None) -> torch.Tensor:
+    """[T*K, H] fp32 per assignment (token-major) -> [T, H] in `dtype`, summed over k in order.
+    `summed` [T, H] fp32: gate-weighted sums that some assignments' outputs already arrived as
+    (fused_rows; their rows of `weighted` are zero), added last."""
+    total = weighted.view(-1, k, weighted.shape[-1]).sum(dim=1)
+    return (total if summed is None else total + summed).to(dtype)
 
 
 def fuses_well(w: ExpertWeights, tokens: int, active: int) -> bool:
-    """fused_experts pays for few tokens over at least half of the experts (below that, the per-expert
-    matmuls read less): measured on the 2-core VM, small preset, bare decode steps at batch 4 / 8 / 12."""
+    """fused_rows pays for few tokens over at least half of the experts of `w` (below that, the
+    per-expert matmuls read less): measured on the 2-core VM, small preset, bare decode steps at batch
+    4 / 8 / 12; and for an expert shard (16 of the 32 experts, one thread, its rows of steps of 8 /
+    16 / 32 tokens, against run_experts: 2.56 -> 2.26, 3.06 -> 2.43, 3.54 -> 3.25 ms per layer)."""
     return (isinstance(w.down, DenseStack) and w.down.stacked is not None and isinstance(w.gate_up, DenseStack)
             and w.gate_up.stacked is not None and tokens <= FUSED_MAX_TOKENS and 2 * active >= w.count)
+
+
+def fused_rows(x: torch.Tensor, token_index: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor,
+               w: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
+    """x [R, H], token_index [N] (row of x of each assignment), slots [N] (its expert's position in
+    w's stack), gates [N] -> [R, H] fp32: each row's gate-weighted sum of its assignments' expert
+    outputs (bias included), in two prepacked matmuls: gate_up of every row through every expert (the
+    stack by rows), then each assignment's gate-weighted activation placed in its expert's columns of
+    its row of [R, n * I], through the experts side by side, which sums a row's outputs in the matmul.
+
+    The gate multiplies the activation (rounded to the model dtype) instead of the expert's output,
+    and the outputs are summed in fp32 inside the matmul in its own order: bf16 rounding apart from
+    combine(run_experts(...)), which keeps the fixed k order (float32 always takes that path: nothing
+    is prepacked there). A (row, slot) pair appears at most once (a token picks an expert once)."""
+    assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+    assert w.gate_up.stacked is not None and w.down.stacked is not None
+    r, n, inter = x.shape[0], w.count, w.down.weight.shape[2]
+    rows = token_index * n + slots  # [N] of [R * n]
+    every = linear.apply_packed(x, w.gate_up.stacked, w.gate_up_bias.reshape(-1))  # [R, n * 2I]
+    h = every.view(r * n, -1).index_select(0, rows)  # [N, 2I]
+    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).mul_(gates.reshape(-1, 1))  # [N, I] fp32
+    wide = x.new_zeros(r * n, inter).index_copy_(0, rows, act.to(x.dtype))  # [R * n, I]
+    y = linear.apply_packed(wide.view(r, n * inter), w.down.stacked, None)  # [R, H]
+    weights = torch.zeros(r, n, dtype=torch.float32, device=x.device).index_put_((token_index, slots), gates.float())
+    return torch.addmm(y.float(), weights, w.down_bias.float())  # [R, H] + sum gate * b2[slot]
 
 
 def fused_experts(t: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w: ExpertWeights,
                   cfg: GptOssConfig) -> torch.Tensor:
     """t [T, H], expert_ids/gates [T, K] -> MoE output [T, H] in t's dtype, with every expert of the
-    layer in `w`, in two prepacked matmuls: gate_up of every token through every expert (the stack by
-    rows), then each token's K gate-weighted activations placed in their experts' columns of one
-    [T, E * I] row, through the experts side by side, which sums the K outputs in the matmul.
-
-    The gate multiplies the activation (rounded to the model dtype) instead of the expert's output,
-    and the K outputs are summed in fp32 inside the matmul in its own order: bf16 rounding apart from
-    combine(run_experts(...)), which keeps the fixed k order the cluster reproduces (float32 always
-    takes that path: nothing is prepacked there)."""
-    assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
-    assert w.gate_up.stacked is not None and w.down.stacked is not None
+    layer in `w`: fused_rows over the T*K assignments."""
     tokens, k = expert_ids.shape
-    n, inter = w.count, w.down.weight.shape[2]
-    local = expert_ids - w.first  # [T, K]
-    rows = (torch.arange(tokens, device=t.device)[:, None] * n + local).flatten()  # [T*K] of [T * E]
-    every = linear.apply_packed(t, w.gate_up.stacked, w.gate_up_bias.reshape(-1))  # [T, E * 2I]
-    h = every.view(tokens * n, -1).index_select(0, rows)  # [T*K, 2I]
-    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).mul_(gates.reshape(-1, 1))  # [T*K, I] fp32
-    wide = t.new_zeros(tokens * n, inter).index_copy_(0, rows, act.to(t.dtype))  # [T * E, I]
-    y = linear.apply_packed(wide.view(tokens, n * inter), w.down.stacked, None)  # [T, H]
-    weights = torch.zeros(tokens, n, dtype=torch.float32, device=t.device).scatter_(1, local, gates.float())  # [T, E]
-    return torch.addmm(y.float(), weights, w.down_bias.float()).to(t.dtype)  # + sum_k gate_k * b2[e_k]
+    token_index = torch.arange(tokens, device=t.device).repeat_interleave(k)  # [T*K]
+    return fused_rows(t, token_index, (expert_ids - w.first).flatten(), gates.flatten(), w, cfg).to(t.dtype)
 
 
 def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cfg: GptOssConfig,

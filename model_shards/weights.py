@@ -42,8 +42,8 @@ RouterWeights = Linear  # [E, H] + [E]
 # weights' read hides up to here (measured on the 2-core VM, small preset, 32 experts: 1.4 against
 # 2.0 ms at 8 tokens, 1.8 against 1.9 at 32, 2.1 against 2.4 at 64).
 STACKED_MAX_TOKENS = 64
-# Tokens up to which the local engine's MoE runs down and the combine as one matmul through the
-# experts side by side (moe.fused_experts): 0.58 against 0.85 ms at 16 tokens, 0.78 against 0.85 at
+# Rows up to which the MoE (the local engine's, or an expert shard's part) runs down and the sum
+# over each token's experts as one matmul through the experts side by side (moe.fused_rows): 0.58 against 0.85 ms at 16 tokens, 0.78 against 0.85 at
 # 32, even at 48 (same VM and model).
 FUSED_MAX_TOKENS = 32
 # Expert stacks above this size are not stacked (their memory would count three times: the weights,
@@ -77,7 +77,7 @@ class DenseStack:
     def stack_rows(self) -> None:
         """Also prepack the n matrices as one [n * out, in] weight (where prepacking applies and the
         stack is at most STACKED_MAX_BYTES): every row through every expert in one call, which reads
-        the stack at full speed (moe.py: batched_experts, fused_experts). It costs the stack's memory
+        the stack at full speed (moe.py: batched_experts, fused_rows). It costs the stack's memory
         once more."""
         if self._stackable():
             self.stacked = linear.prepack(self.weight.reshape(-1, self.weight.shape[-1]))
@@ -85,7 +85,7 @@ class DenseStack:
     def stack_columns(self) -> None:
         """Also prepack the n matrices side by side as one [out, n * in] weight: rows holding each
         expert's input in that expert's columns (zeros elsewhere) get the sum of the experts' outputs
-        in one call (moe.py: fused_experts). Same conditions and cost as stack_rows."""
+        in one call (moe.py: fused_rows). Same conditions and cost as stack_rows."""
         if self._stackable():
             n, out, cols = self.weight.shape
             self.stacked = linear.prepack(self.weight.permute(1, 0, 2).reshape(out, n * cols))
@@ -175,17 +175,17 @@ class ModelWeights:
         return sum(t.numel() if isinstance(t, torch.Tensor) else t.logical_numel() for t in _leaves(self))
 
 
-def prepare(obj: object, whole_moe: bool = False) -> None:
+def prepare(obj: object) -> None:
     """Make the runtime forms of every linear weight and expert stack in `obj` (prepacked GEMM
-    weights where the device has them: linear.py). Call after moving the weights to their device.
-    `whole_moe`: the MoE block runs here with every expert of each layer (the local engine), so
-    down's experts are also stacked side by side for moe.fused_experts."""
+    weights where the device has them: linear.py; expert stacks also stacked whole, by rows for
+    gate_up and side by side for down, for moe.batched_experts and moe.fused_rows). Call after moving
+    the weights to their device."""
     for part in _parts(obj):
         if isinstance(part, (Linear, DenseStack, Mxfp4Stack)):
             part.prepare()
         if isinstance(part, ExpertWeights) and isinstance(part.gate_up, DenseStack):
             part.gate_up.stack_rows()
-            if whole_moe and isinstance(part.down, DenseStack):
+            if isinstance(part.down, DenseStack):
                 part.down.stack_columns()
 
 

@@ -177,6 +177,27 @@ def test_gloo_transport_gives_the_same_tokens(ray_session, tiny_hf: Path, refere
         engine.shutdown()
 
 
+def test_bf16_with_one_shard_gives_the_local_engines_tokens_and_logprobs_bit_for_bit(ray_session,
+                                                                                    tiny_hf: Path) -> None:
+    """bf16: one shard holds every expert and takes the local engine's MoE paths (few rows over most
+    experts summed per token in two matmuls, tests/cluster/test_shard.py), so nothing differs."""
+    from cluster.cluster_executor import ClusterExecutor
+
+    local = Engine(LocalExecutor(ModelSource(str(tiny_hf), "bfloat16"), KV))
+    try:
+        expected = local.generate(prompts(), GREEDY)
+    finally:
+        local.shutdown()
+    config = ClusterConfig(attention_replicas=1, expert_shards=1, step_timeout_s=30)
+    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "bfloat16"), config, KV))
+    try:
+        outs = engine.generate(prompts(), GREEDY, timeout=120)
+    finally:
+        engine.shutdown()
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert [o.logprobs for o in outs] == [o.logprobs for o in expected]
+
+
 def test_expert_bounds() -> None:
     assert expert_bounds(16, 3) == ((0, 5), (5, 10), (10, 16))
     assert expert_bounds(16, 16)[-1] == (15, 16) and expert_bounds(16, 1) == ((0, 16),)

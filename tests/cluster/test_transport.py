@@ -64,6 +64,7 @@ MESSAGES = [
                  torch.tensor([0, 2]), torch.tensor([3, 2])),
     MoeRoute(4, 5, 0, torch.tensor([0, 3]), torch.tensor([2, 6]), torch.randperm(8)),
     ShardResult(4, 5, 1, torch.randn(5, 3), 0.125),
+    ShardResult(4, 5, 1, torch.randn(2, 3), 0.25, True),  # summed per token
     ReplicaStep(9, [1, 2], [ChunkPlan(3, 0, [5, 6, 7], 40, True, SamplingParams(temperature=0.5), 11, 0)]),
     MoeRequest(2, 0, 0, torch.randn(300, 700)),  # 840 kB through a 64 kB ring: flow control
 ]

@@ -126,7 +126,7 @@ def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
     assert torch.allclose(batched.float(), per_expert.float(), atol=3e-2, rtol=2e-2)  # bf16 rounding apart
 
 
-def _prepacked_bf16_experts(whole_moe: bool = True):
+def _prepacked_bf16_experts():
     from model_shards.weights import prepare
 
     cfg = preset("tiny")
@@ -135,7 +135,7 @@ def _prepacked_bf16_experts(whole_moe: bool = True):
     for stack in (experts.gate_up, experts.down):
         stack.weight = stack.weight.to(torch.bfloat16)
     experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
-    prepare(experts, whole_moe=whole_moe)
+    prepare(experts)
     return cfg, weights.routers[0], experts
 
 
@@ -170,8 +170,6 @@ def test_moe_block_fuses_only_few_tokens_over_most_experts_with_both_stacks(monk
     assert moe.fuses_well(experts, FUSED_MAX_TOKENS, experts.count // 2)
     assert not moe.fuses_well(experts, FUSED_MAX_TOKENS + 1, experts.count)  # many tokens: the padded batched path
     assert not moe.fuses_well(experts, 4, experts.count // 2 - 1)  # few experts in use: one matmul each
-    _, _, shard = _prepacked_bf16_experts(whole_moe=False)  # a cluster shard: its outputs go to the router's combine
-    assert shard.gate_up.stacked is not None and shard.down.stacked is None and not moe.fuses_well(shard, 4, shard.count)
     calls = []
     monkeypatch.setattr(moe, "fused_experts", lambda *a: calls.append(a) or torch.zeros(a[0].shape, dtype=a[0].dtype))
     router.weight, router.bias = router.weight.bfloat16(), router.bias.bfloat16()
@@ -179,6 +177,30 @@ def test_moe_block_fuses_only_few_tokens_over_most_experts_with_both_stacks(monk
     with torch.inference_mode():
         moe.moe_block(torch.randn(8, cfg.hidden_size, dtype=torch.bfloat16), router, experts, cfg, counts)
     assert len(calls) == int((counts > 0).sum() * 2 >= experts.count) and int(counts.sum()) == 8 * cfg.experts_per_token
+
+
+@needs_prepack
+@pytest.mark.parametrize("tokens", [2, 9, FUSED_MAX_TOKENS])
+def test_fused_rows_of_a_shard_equal_its_outputs_summed_per_token_within_bf16_rounding(tokens: int) -> None:
+    """An expert shard's part of each token's K: the rows of the tokens that chose some of its experts
+    (here the first half of the stack), each row's assignments summed in one matmul."""
+    from model_shards.moe import fused_rows
+
+    cfg, router, experts = _prepacked_bf16_experts()
+    router.weight, router.bias = router.weight.bfloat16(), router.bias.bfloat16()
+    k = cfg.experts_per_token
+    with torch.inference_mode():
+        t = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16)
+        expert_ids, gates = route(t, router, k)
+        mine = (expert_ids.flatten() < experts.count // 2).nonzero().flatten()  # [N] this shard's assignments
+        rows, token_index = torch.unique(mine // k, return_inverse=True)  # the rows it is sent, ascending
+        x, slots, g = t[rows], expert_ids.flatten()[mine], gates.flatten()[mine].float()
+        sums = fused_rows(x, token_index, slots, g, experts, cfg)  # [R, H] fp32
+        each = run_experts(x, token_index, slots, g, experts, cfg)  # [N, H] fp32
+        reference = torch.zeros_like(sums).index_add_(0, token_index, each)
+    assert sums.shape == (rows.shape[0], cfg.hidden_size) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums, reference, atol=3e-2, rtol=2e-2)  # bf16 rounding of the activations apart
+    assert (sums - reference).abs().mean() < 2e-3
 
 
 def test_experts_above_the_size_cap_are_not_stacked(monkeypatch) -> None:
