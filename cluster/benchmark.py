@@ -31,6 +31,7 @@ class DecodeRow:
     step_ms_p90: float
     tokens_per_s: float  # B / median step
     moe_wait_us_per_layer: float | None = None  # cluster: a replica's wait for the MoE result, per layer
+    replica_us_per_layer: float | None = None  # that replica's own compute (everything but the wait), per layer
     data_plane_us_per_layer: float | None = None  # that wait minus router work and the slowest shard
     router_us_per_layer: float | None = None  # the router's own compute (routing, dispatch, combine)
     shard_us_per_layer: float | None = None  # the slowest shard's compute
@@ -79,10 +80,10 @@ def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup:
     results = ex.execute(_chunk_steps(seqs, {s: p for (s, _), p in zip(seqs, prompts)}, 0, step_id, kv))
     prefill = time.perf_counter() - start
     last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
-    times, waits, shard_s = [], [], []
+    times, waits, shard_s, computes = [], [], [], []
     for i in range(warmup + steps):
         if i == warmup:
-            del times[:], waits[:], shard_s[:]
+            del times[:], waits[:], shard_s[:], computes[:]
             before = ex.stats().router
         step_id += 1
         start = time.perf_counter()
@@ -91,14 +92,15 @@ def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup:
         least = min(results.values(), key=lambda r: r.moe_wait_s)  # the least-skewed replica
         waits.append(least.moe_wait_s)
         shard_s.append(least.shard_s)
+        computes.append(least.compute_s)
         last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
     after = ex.stats().router
     ex.execute(_release_steps(seqs, step_id + 1))
-    return _row(label, b, prefill, times, waits, shard_s, before, after, cfg.num_hidden_layers)
+    return _row(label, b, prefill, times, waits, shard_s, computes, before, after, cfg.num_hidden_layers)
 
 
 def _row(label: str, batch: int, prefill: float, times: list[float], waits: list[float], shard_s: list[float],
-         before: RouterStats, after: RouterStats, num_layers: int) -> DecodeRow:
+         computes: list[float], before: RouterStats, after: RouterStats, num_layers: int) -> DecodeRow:
     p50 = statistics.median(times)
     row = DecodeRow(label, batch, prefill * 1e3, p50 * 1e3, sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, batch / p50)
     if sum(waits) > 0:  # the cluster: the MoE was waited for, not computed in process
@@ -108,6 +110,7 @@ def _row(label: str, batch: int, prefill: float, times: list[float], waits: list
         shard = statistics.fmean(shard_s) / num_layers
         wait = statistics.median(waits) / num_layers
         row.moe_wait_us_per_layer = wait * 1e6
+        row.replica_us_per_layer = statistics.median(computes) / num_layers * 1e6
         row.data_plane_us_per_layer = (wait - routing - shard) * 1e6
         row.router_us_per_layer, row.shard_us_per_layer = routing * 1e6, shard * 1e6
         loads = [[n - m for n, m in zip(a, b)] for a, b in zip(after.shard_tokens, before.shard_tokens)]

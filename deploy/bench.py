@@ -66,12 +66,13 @@ def _us(value: float | None) -> str:
 
 def report(rows: list[DecodeRow], hops: list[HopRow], extra: DecodeReport) -> str:
     header = (f"{'engine':<12} {'batch':>5} {'prefill ms':>11} {'step ms p50':>12} {'step ms p90':>12} "
-              f"{'tokens/s':>9} {'moe wait us/layer':>18} {'router':>7} {'shard':>7} {'data plane us/layer':>20} "
+              f"{'tokens/s':>9} {'moe wait us/layer':>18} {'replica':>8} {'router':>7} {'shard':>7} {'data plane us/layer':>20} "
               f"{'shard imbalance':>16}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.engine:<12} {r.batch_size:>5} {r.prefill_ms:>11.1f} {r.step_ms_p50:>12.2f} "
                      f"{r.step_ms_p90:>12.2f} {r.tokens_per_s:>9.1f} {_us(r.moe_wait_us_per_layer):>18} "
+                     f"{_us(r.replica_us_per_layer):>8} "
                      f"{_us(r.router_us_per_layer):>7} {_us(r.shard_us_per_layer):>7} "
                      f"{_us(r.data_plane_us_per_layer):>20} "
                      f"{'-' if r.shard_imbalance is None else f'{r.shard_imbalance:.2f}':>16}")

@@ -145,7 +145,8 @@ def test_bench_local_and_cluster_in_one_run(ray_session, tiny_hf: Path, capsys: 
     assert [(r["engine"], r["batch_size"]) for r in report["results"]] == \
         [("local", 1), ("local", 4), ("cluster", 1), ("cluster", 4)]
     cluster_rows = [r for r in report["results"] if r["engine"] == "cluster"]
-    assert all(r["moe_wait_us_per_layer"] > 0 and r["data_plane_us_per_layer"] is not None for r in cluster_rows)
+    assert all(r["moe_wait_us_per_layer"] > 0 and r["replica_us_per_layer"] > 0 and r["data_plane_us_per_layer"] is not None
+               for r in cluster_rows)
     assert all(r["router_us_per_layer"] > 0 and r["shard_us_per_layer"] > 0 for r in cluster_rows)
     assert all(r["shard_imbalance"] >= 1.0 for r in cluster_rows)  # in every cluster row, as the JSON carries it
     assert [h["rows"] for h in report["hops"]] == [1, 4]
