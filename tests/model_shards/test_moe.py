@@ -100,15 +100,8 @@ def test_blocked_expert_rows_give_the_same_outputs(monkeypatch) -> None:
 @pytest.mark.parametrize("tokens", [5, STACKED_MAX_TOKENS + 1])  # gate_up through the whole stack, then padded
 def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
     from model_shards.moe import BATCHED_MAX_ROWS, batched_experts, batches_well
-    from model_shards.weights import prepare
 
-    cfg = preset("tiny")
-    weights = random_weights(cfg, seed=3)
-    experts = weights.experts[0]
-    for stack in (experts.gate_up, experts.down):
-        stack.weight = stack.weight.to(torch.bfloat16)
-    experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
-    prepare(experts)
+    cfg, _, experts = _prepacked_bf16_experts(seed=3)
     segments = [(e, 1 + e % 3) for e in range(cfg.num_experts)]
     x = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16)
     index = torch.randint(0, tokens, (sum(c for _, c in segments),))  # [n] token of each assignment
@@ -126,17 +119,13 @@ def test_batched_experts_equal_the_per_expert_path(tokens: int) -> None:
     assert torch.allclose(batched.float(), per_expert.float(), atol=3e-2, rtol=2e-2)  # bf16 rounding apart
 
 
-def _prepacked_bf16_experts():
+def _prepacked_bf16_experts(seed: int = 4):
+    """-> config, layer 0's router (float32) and its experts in bf16, prepared as a process does."""
     from model_shards.weights import prepare
 
-    cfg = preset("tiny")
-    weights = random_weights(cfg, seed=4)
-    experts = weights.experts[0]
-    for stack in (experts.gate_up, experts.down):
-        stack.weight = stack.weight.to(torch.bfloat16)
-    experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
-    prepare(experts)
-    return cfg, weights.routers[0], experts
+    cfg, weights = _bf16_weights(seed)
+    prepare(weights.experts[0])
+    return cfg, weights.routers[0], weights.experts[0]
 
 
 needs_prepack = pytest.mark.skipif(not linear.can_prepack(torch.zeros(2, 2, dtype=torch.bfloat16)),
@@ -211,13 +200,20 @@ def test_experts_above_the_size_cap_are_not_stacked(monkeypatch) -> None:
     assert experts.gate_up.stacked is None and experts.down.stacked is None
 
 
-def _bf16_experts(seed: int = 6):
+def _bf16_weights(seed: int):
+    """A random tiny model whose layer-0 experts are bf16 (not prepared)."""
     cfg = preset("tiny")
-    experts = random_weights(cfg, seed=seed).experts[0]
+    weights = random_weights(cfg, seed=seed)
+    experts = weights.experts[0]
     for stack in (experts.gate_up, experts.down):
         stack.weight = stack.weight.to(torch.bfloat16)
     experts.gate_up_bias, experts.down_bias = experts.gate_up_bias.bfloat16(), experts.down_bias.bfloat16()
-    return cfg, experts
+    return cfg, weights
+
+
+def _bf16_experts(seed: int = 6):
+    cfg, weights = _bf16_weights(seed)
+    return cfg, weights.experts[0]
 
 
 def _assignments(cfg, tokens: int, seed: int = 0):
