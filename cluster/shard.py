@@ -24,7 +24,7 @@ from cluster.telemetry import Histogram, ShardStats
 from cluster.transport import Endpoint
 from model_shards.checkpoint import Checkpoint
 from model_shards.expert_slots import read_slots, restack
-from model_shards.moe import fused_rows, fuses_well, run_experts
+from model_shards.moe import fused_rows, fuses_here, run_experts
 from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare, warm_up
 
 
@@ -118,10 +118,10 @@ class ExpertShard:
             self._switch(req.placement)
         start = time.perf_counter()
         d, w = self.device, self.current.weights[req.layer]
-        x, token_index, slots, gates = req.x.to(d, self.dtype), req.token_index.to(d), req.expert_slots.to(d), req.gates.to(d)
+        x, token_index, slots = req.x.to(d, self.dtype), req.token_index.to(d), req.expert_slots.to(d)
+        gates = req.gates.to(d)
         counts = req.counts.tolist()  # assignments are token-major: one run per replica
-        summed = fuses_well(w, x.shape[0], w.count) and fuses_well(
-            w, x.shape[0], int(torch.bincount(slots, minlength=w.count).count_nonzero()))
+        summed = fuses_here(w, x.shape[0], slots)
         if summed:  # one row per token: each replica's tokens are a run of x's rows too
             ends = token_index[torch.tensor(counts).cumsum(0).sub_(1).to(d)].tolist()  # last row of each run
             parts = torch.split(fused_rows(x, token_index, slots, gates, w, self.config),

@@ -195,6 +195,13 @@ def fuses_well(w: ExpertWeights, tokens: int, active: int) -> bool:
             and w.gate_up.stacked is not None and tokens <= FUSED_MAX_TOKENS and 2 * active >= w.count)
 
 
+def fuses_here(w: ExpertWeights, rows: int, slots: torch.Tensor) -> bool:
+    """fuses_well for `rows` rows whose assignments use `slots` [N] (positions in w's stack); the
+    count of experts in use costs a host sync, paid only when everything else allows fusing."""
+    return fuses_well(w, rows, w.count) and fuses_well(
+        w, rows, int(torch.bincount(slots, minlength=w.count).count_nonzero()))
+
+
 def fused_rows(x: torch.Tensor, token_index: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor,
                w: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
     """x [R, H], token_index [N] (row of x of each assignment), slots [N] (its expert's position in
