@@ -38,17 +38,19 @@ class DecodeRow:
     shard_imbalance: float | None = None  # cluster: busiest shard's routed load over the mean, timed steps
 
 
-def _chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
-                 kv: list[ReplicaKV]) -> dict[int, ReplicaStep]:
-    """Every sequence runs `tokens[seq]` at position `start` and samples the next token."""
+def chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
+                kv: list[ReplicaKV], params: SamplingParams = GREEDY) -> dict[int, ReplicaStep]:
+    """seqs [(seq, replica)]: every sequence runs `tokens[seq]` at position `start` and samples the
+    next token: one step of fixed makeup for `Executor.execute` (no scheduler in between)."""
     by_replica: dict[int, list[ChunkPlan]] = {}
     for seq, replica in seqs:
         blocks = kv[replica].plan(seq, start, start + len(tokens[seq]))
-        by_replica.setdefault(replica, []).append(ChunkPlan(seq, start, tokens[seq], blocks, True, GREEDY, 0, 0))
+        by_replica.setdefault(replica, []).append(ChunkPlan(seq, start, tokens[seq], blocks, True, params, 0, 0))
     return {r: ReplicaStep(step_id, [], chunks) for r, chunks in by_replica.items()}
 
 
-def _release_steps(seqs: list[tuple[int, int]], step_id: int) -> dict[int, ReplicaStep]:
+def release_steps(seqs: list[tuple[int, int]], step_id: int) -> dict[int, ReplicaStep]:
+    """A step that only frees the sequences' KV on their replicas."""
     replicas = sorted({r for _, r in seqs})
     return {r: ReplicaStep(step_id, [s for s, owner in seqs if owner == r], []) for r in replicas}
 
@@ -77,7 +79,7 @@ def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup:
     for s, r in seqs:
         kv[r].admit(s, [], 0, input_len + warmup + steps + 1)
     start = time.perf_counter()
-    results = ex.execute(_chunk_steps(seqs, {s: p for (s, _), p in zip(seqs, prompts)}, 0, step_id, kv))
+    results = ex.execute(chunk_steps(seqs, {s: p for (s, _), p in zip(seqs, prompts)}, 0, step_id, kv))
     prefill = time.perf_counter() - start
     last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
     times, waits, shard_s, computes = [], [], [], []
@@ -87,7 +89,7 @@ def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup:
             before = ex.stats().router
         step_id += 1
         start = time.perf_counter()
-        results = ex.execute(_chunk_steps(seqs, last, input_len + i, step_id, kv))
+        results = ex.execute(chunk_steps(seqs, last, input_len + i, step_id, kv))
         times.append(time.perf_counter() - start)
         least = min(results.values(), key=lambda r: r.moe_wait_s)  # the least-skewed replica
         waits.append(least.moe_wait_s)
@@ -95,7 +97,7 @@ def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup:
         computes.append(least.compute_s)
         last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
     after = ex.stats().router
-    ex.execute(_release_steps(seqs, step_id + 1))
+    ex.execute(release_steps(seqs, step_id + 1))
     return _row(label, b, prefill, times, waits, shard_s, computes, before, after, cfg.num_hidden_layers)
 
 

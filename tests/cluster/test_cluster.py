@@ -177,25 +177,50 @@ def test_gloo_transport_gives_the_same_tokens(ray_session, tiny_hf: Path, refere
         engine.shutdown()
 
 
+def _fixed_steps(executor, prompts: list[list[int]], steps: int) -> list[list[tuple[int, int, float]]]:
+    """All prompts (of one length) prefilled in one step, then `steps` decode steps of all of them:
+    (seq, token, log-prob) per step. No scheduler in between, so both engines run the same batches
+    (under the engine, which requests share a step depends on timing, and bf16 results on the batch)."""
+    from cluster.benchmark import chunk_steps, release_steps
+    from cluster.kv_manager import ReplicaKV
+
+    cfg, spec = executor.config, executor.kv
+    kv = [ReplicaKV(spec.num_blocks, spec.sliding_blocks(cfg.sliding_window), spec.block_size, cfg.sliding_window,
+                    caching=False)]
+    seqs = [(i, 0) for i in range(len(prompts))]
+    for seq, _ in seqs:
+        kv[0].admit(seq, [], 0, len(prompts[0]) + steps + 1)
+    tokens, start, out = dict(enumerate(prompts)), 0, []
+    for step in range(1 + steps):
+        results = executor.execute(chunk_steps(seqs, tokens, start, step + 1, kv, SamplingParams(temperature=0.0)))
+        sampled = sorted((x.seq_id, x.token, x.logprob) for r in results.values() for x in r.sampled)
+        out.append(sampled)
+        start += len(tokens[0])
+        tokens = {seq: [token] for seq, token, _ in sampled}
+    executor.execute(release_steps(seqs, steps + 2))
+    return out
+
+
 def test_bf16_with_one_shard_gives_the_local_engines_tokens_and_logprobs_bit_for_bit(ray_session,
                                                                                     tiny_hf: Path) -> None:
-    """bf16: one shard holds every expert and takes the local engine's MoE paths (few rows over most
-    experts summed per token in two matmuls, tests/cluster/test_shard.py), so nothing differs."""
+    """bf16: one shard holds every expert and takes the local engine's MoE paths (8 decode rows over
+    most experts summed per token in two matmuls, tests/cluster/test_shard.py), so the same steps
+    give the same bits."""
     from cluster.cluster_executor import ClusterExecutor
 
-    local = Engine(LocalExecutor(ModelSource(str(tiny_hf), "bfloat16"), KV))
+    gen = torch.Generator().manual_seed(4)
+    same_length = [torch.randint(0, 199_998, (24,), generator=gen).tolist() for _ in range(8)]
+    local = LocalExecutor(ModelSource(str(tiny_hf), "bfloat16"), KV)
     try:
-        expected = local.generate(prompts(), GREEDY)
+        expected = _fixed_steps(local, same_length, 4)
     finally:
         local.shutdown()
     config = ClusterConfig(attention_replicas=1, expert_shards=1, step_timeout_s=30)
-    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "bfloat16"), config, KV))
+    cluster = ClusterExecutor(ModelSource(str(tiny_hf), "bfloat16"), config, KV)
     try:
-        outs = engine.generate(prompts(), GREEDY, timeout=120)
+        assert _fixed_steps(cluster, same_length, 4) == expected
     finally:
-        engine.shutdown()
-    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
-    assert [o.logprobs for o in outs] == [o.logprobs for o in expected]
+        cluster.shutdown()
 
 
 def test_expert_bounds() -> None:
