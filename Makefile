@@ -14,8 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The numerics, MoE, linear and CLI tests run a second time with the CPU fast paths off
+# (GPTOSS_CPU_FALLBACK=1) on CPUs that have them; elsewhere the first pass already ran the fallback.
+FALLBACK_TESTS := tests/model_shards tests/deploy/test_cli.py
+
 test: install
 	$(PY) -m pytest -q
+	@if $(PY) -m model_shards.capabilities --has-fast-bf16; then \
+		echo "the same CPU tests with the fallback forced (GPTOSS_CPU_FALLBACK=1):"; \
+		GPTOSS_CPU_FALLBACK=1 $(PY) -m pytest -q $(FALLBACK_TESTS); \
+	else \
+		echo "this CPU has no oneDNN bf16 path: the tests above ran the fallback (docs/cpu.md)"; \
+	fi
 
 # Offline: make serve VOCAB_DIR=path/to/dir-with-o200k_base.tiktoken; more flags: SERVE_ARGS="--port 9000"
 serve: install

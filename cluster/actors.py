@@ -22,6 +22,7 @@ from cluster.shard import ExpertShard
 from cluster.telemetry import ExpertLoad, ReplicaStats, RouterStats, ShardStats
 from cluster.transport import Address, Endpoint, PlaneSpec, StreamClosed
 from model_shards.allocator import keep_freed_memory
+from model_shards.capabilities import cpu_features
 
 
 class PlaneMember:
@@ -29,6 +30,7 @@ class PlaneMember:
         self.threads = max(1, threads)
         torch.set_num_threads(self.threads)
         keep_freed_memory()
+        self.dtype = spec.source.dtype
         self.obj: Role = make_role(role, spec)
         self.name = member_name(role, self.obj.index)
         self.endpoint: Endpoint | None = None
@@ -40,7 +42,7 @@ class PlaneMember:
     def info(self) -> ActorInfo:
         experts = list(self.obj.experts) if self.obj.experts is not None else None
         return ActorInfo(self.obj.role, self.obj.index, os.getpid(), ray.get_runtime_context().get_node_id(),
-                         str(self.obj.device), experts, self.threads)
+                         str(self.obj.device), experts, self.threads, self.dtype, cpu_features().summary())
 
     def listen(self, plane: PlaneSpec) -> dict[str, Address]:
         if self.endpoint is not None:

@@ -26,7 +26,7 @@ from cluster.actors import REMOTE_MEMBERS
 from cluster.channels import remove_rings
 from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec
 from cluster.eplb import initial_placement
-from cluster.executor import Executor, ExecutorFailure
+from cluster.executor import Executor, ExecutorFailure, error_line
 from cluster.messages import ActorInfo, ReplicaStep, RouterStep, StepResult
 from cluster.names import ENGINE, REPLICA_ROLE, ROUTER, ROUTER_ROLE, SHARD_ROLE, replica_name, shard_name
 from cluster.placement import bundle, connect_ray, release, reserve
@@ -91,14 +91,18 @@ class ClusterExecutor(Executor):
 
     # -- setup -----------------------------------------------------------------------------------
     def _wait_ready(self, timeout_s: float) -> None:
-        """Until every actor answers ping (a restarting actor answers once it has reloaded)."""
+        """Until every actor answers ping (a restarting actor answers once it has reloaded). An actor
+        whose constructor raised (an unsupported CPU, no memory, a broken checkpoint) will not start on
+        another try: that fails at once, with the constructor's error in one line."""
         deadline = time.monotonic() + timeout_s
         for name, actor in self.actors.items():
             while True:
                 try:
                     ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
                     break
-                except RayActorError:
+                except RayActorError as exc:
+                    if exc.actor_init_failed:
+                        raise ExecutorFailure(f"{name} could not start: {error_line(str(exc))}") from None
                     if time.monotonic() > deadline:
                         raise ExecutorFailure(f"{name} did not come back within {timeout_s:.0f}s") from None
                     time.sleep(0.2)

@@ -16,6 +16,7 @@ import torch
 from cluster.eplb import ExpertPlacement, slot_counts
 from cluster.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE
 from cluster.options import check_options, option
+from model_shards.capabilities import AUTO
 from model_shards.checkpoint import Checkpoint
 from model_shards.config import GptOssConfig
 from model_shards.hub import resolve_model
@@ -29,7 +30,9 @@ class ModelConfig:
     model: str | None = option(None, "checkpoint directory or Hugging Face hub id such as openai/gpt-oss-20b "
                                      "(serve without one: a small random-weight model)")
     layout: Literal["hf", "original"] | None = option(None, "checkpoint layout (default: detected from the files)")
-    dtype: Literal["float32", "bfloat16"] = option("bfloat16", "weights and activations")
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs that compute it natively, float32 on "
+                "other CPUs (docs/cpu.md)")
     expert_weights: Literal["dequantize", "mxfp4"] = option(
         "dequantize", "dequantize MXFP4 experts at load (fast) or keep them packed and decode on use (4x less memory)")
     expert_cache_mb: int = option(0, "with --expert-weights mxfp4: MiB of decoded experts each process that holds "
@@ -46,8 +49,11 @@ class ModelConfig:
         return self.expert_weights == "mxfp4"
 
     def source(self) -> ModelSource:
+        """What actors open; the dtype must be resolved first (EngineArgs.resolved)."""
         if not self.model:
             raise ValueError("no model given (--model)")
+        if self.dtype == AUTO:
+            raise ValueError("dtype auto is resolved where the engine is built (EngineArgs.resolved)")
         return ModelSource(self.model, self.dtype, self.layout, self.expert_cache_mb << 20)
 
 
@@ -131,6 +137,10 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+    @property
+    def uses_gpus(self) -> bool:
+        return max(self.gpus_per_attention_replica, self.gpus_per_expert_shard, self.gpus_per_router) > 0
 
     def threads(self, role: str) -> int:
         """Torch threads of an actor of `role` (names.py)."""

@@ -22,6 +22,7 @@ from cluster.config import KVSpec, ModelSource
 from cluster.messages import ActorInfo, ReplicaStep, StepResult
 from cluster.step import run_replica_step
 from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats, ShardStats
+from model_shards.capabilities import cpu_features
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
@@ -34,6 +35,18 @@ log = logging.getLogger(__name__)
 
 class ExecutorFailure(RuntimeError):
     """A step could not complete (an actor died, hung, or raised; the KV cache or memory ran out)."""
+
+
+def error_line(report: str) -> str:
+    """The exception at the end of a remote traceback (Ray's report of an actor or a Serve replica
+    whose constructor raised), as one line: "Type: message"."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    errors = [line for line in lines if ": " in line and not line.startswith(("File ", "The actor", "Traceback"))]
+    line = (errors or lines or ["unknown error"])[-1]
+    head, sep, rest = line.partition(": ")
+    if sep and "." in head and " " not in head:  # a qualified type name: its last part says enough
+        line = f"{head.rsplit('.', 1)[1]}: {rest}"
+    return line[:500]
 
 
 class Executor(ABC):
@@ -75,6 +88,7 @@ class LocalExecutor(Executor):
         # the local engine computes with the threads it is given, or every core.
         self.threads = threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
+        self.dtype = source.dtype
         self.model = load_local_model(source.model, source.torch_dtype, keep_mxfp4, device, source.layout)
         budget_decoded(self.model.weights.experts, source.expert_cache_bytes)
         start = time.perf_counter()
@@ -125,7 +139,7 @@ class LocalExecutor(Executor):
 
     def topology(self) -> list[ActorInfo]:
         return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts],
-                          self.threads)]
+                          self.threads, self.dtype, cpu_features().summary())]
 
     def stats(self) -> ExecutorStats:
         per_layer = tuple((int(n),) for n in self.expert_tokens.sum(1).tolist())  # one "shard": every expert

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
 from cluster.engine import Engine
 from cluster.executor import Executor, LocalExecutor
 from cluster.options import OptionValue, flat_values, split_values
+from model_shards.capabilities import DtypeChoice, choose_dtype
 
 ENGINE_GROUPS = (ModelConfig, EngineConfig, ClusterConfig)
 
@@ -28,10 +31,27 @@ class EngineArgs:
     def options(self) -> dict[str, OptionValue]:
         return flat_values(self.model, self.engine, self.cluster)
 
+    def compute_device(self) -> str:
+        """Where the model computes: the local engine's device; for the cluster CUDA when its actors take
+        GPUs, else the CPU (this process's CPU decides `--dtype auto`: give a dtype for actors elsewhere)."""
+        if self.engine.engine == "local":
+            return self.model.device
+        return "cuda" if self.cluster.uses_gpus else "cpu"
+
+    def dtype_choice(self) -> DtypeChoice:
+        return choose_dtype(self.model.dtype, self.compute_device())
+
+    def resolved(self) -> EngineArgs:
+        """The same arguments with `--dtype auto` replaced by the dtype it chooses here."""
+        dtype = self.dtype_choice().dtype
+        return self if dtype == self.model.dtype else dataclasses.replace(
+            self, model=dataclasses.replace(self.model, dtype=dtype))
+
 
 def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor:
     """`ray_address`: an existing Ray cluster for the cluster engine (None: the one this process is
     connected to, or a new one started in this process)."""
+    args = args.resolved()
     source = args.model.source()
     if args.engine.engine == "local":
         return LocalExecutor(source, args.engine.kv, args.model.keep_mxfp4, args.model.device, args.engine.threads)
@@ -41,6 +61,7 @@ def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor
 
 
 def build_engine(args: EngineArgs, ray_address: str | None = None) -> Engine:
+    args = args.resolved()
     if args.engine.engine == "local":  # built in the engine's thread, which then runs every step (engine.py)
         return Engine(lambda: build_executor(args), args.engine)
     return Engine(build_executor(args, ray_address), args.engine)

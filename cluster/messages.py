@@ -146,3 +146,5 @@ class ActorInfo:
     device: str
     experts: list[int] | None = None  # [a, b) for expert shards
     threads: int | None = None  # the torch threads it computes with
+    dtype: str | None = None  # what it computes in (--dtype auto resolved: float32 | bfloat16)
+    cpu: str | None = None  # its CPU and what the fast paths get there (capabilities.CpuFeatures.summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -12,6 +13,7 @@ from cluster.messages import ActorInfo
 from cluster.options import OptionValue
 from deploy.config import LaunchOptions
 from deploy.flags import read_options
+from model_shards.capabilities import AUTO
 from model_shards.chat import parse_completion, render_chat
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import CHAT_STOP_TOKENS, TEXT_STOP_TOKENS, decode, encode
@@ -26,8 +28,18 @@ class UsageError(ValueError):
 
 
 def engine_args(args: argparse.Namespace, **overrides: OptionValue) -> EngineArgs:
+    """The command's engine arguments, `--dtype auto` resolved (and the choice printed on stderr)."""
     values = read_options(args, ENGINE_GROUPS, LOCAL_DEFAULTS)
-    return EngineArgs.from_options(**{**values, **overrides})
+    eargs = EngineArgs.from_options(**{**values, **overrides})
+    announce_dtype(getattr(args, "command", "run"), eargs)
+    return eargs.resolved()
+
+
+def announce_dtype(command: str, eargs: EngineArgs) -> None:
+    """At start, one line on stderr: the dtype `--dtype auto` chose, and why."""
+    if eargs.model.dtype == AUTO:
+        choice = eargs.dtype_choice()
+        print(f"gptoss {command}: dtype {choice.dtype} (auto: {choice.reason})", file=sys.stderr, flush=True)
 
 
 def ray_address(args: argparse.Namespace) -> str | None:

@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 
+from cluster.executor import error_line
 from deploy.app import build_app, parse_args
+from deploy.commands import announce_dtype
 from deploy.config import APP_GROUPS, AppConfig, LaunchOptions
 from deploy.flags import read_options
 from model_shards.random_checkpoint import default_random_model
@@ -90,30 +92,64 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     launch = LaunchOptions(**read_options(args, [LaunchOptions]))
     check_port_free(launch.host, launch.port)
     if config.model.model is not None:
-        with config.model.source().open() as ckpt:  # a checkpoint that cannot be read fails here, in one line
+        with config.engine_args().resolved().model.source().open() as ckpt:  # a checkpoint that cannot be read fails here, in one line
             if config.engine.engine == "cluster":  # and so do expert shards the model cannot be split into
                 config.cluster.expert_layout(ckpt.config.num_experts)
     if not launch.ray_address and os.environ.get(_SESSION_CHILD) != "1":
-        return run_in_own_session(argv)
+        return run_in_own_session(argv, config.server.drain_timeout_s)
     return serve_here(config, launch)
 
 
-def run_in_own_session(argv: list[str]) -> int:
+def run_in_own_session(argv: list[str], drain_timeout_s: float) -> int:
     """Run the server in a child process in a session of its own, and pass it SIGTERM and SIGINT.
 
     Ray, started in the server's process, puts its daemons and workers in that process's group.
     Supervisors (systemd, most init systems, a shell's job control) signal the whole group: without
     this, SIGTERM would reach Ray's processes before the server could drain. The child dies with
-    this process (PR_SET_PDEATHSIG) if this one is killed outright."""
+    this process (PR_SET_PDEATHSIG) if this one is killed outright.
+
+    Whatever the child does, nothing it started outlives it: when it exits, what is left of its
+    process group is killed; if it has not exited STOP_GRACE_S after the drain a signal asked for
+    (or at a second signal), the whole group is killed."""
     child = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], env={**os.environ, _SESSION_CHILD: "1"},
                              start_new_session=True, preexec_fn=_terminate_with_parent)
+    asked: list[float] = []  # when each signal arrived
+
+    def forward(number: int, _frame: object) -> None:
+        asked.append(time.monotonic())
+        if len(asked) == 1:
+            child.send_signal(number)  # the server alone: it drains, then stops Ray itself
+        else:
+            _signal_group(child.pid, signal.SIGKILL)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, _frame: child.send_signal(number))
-    while True:
-        try:
-            return child.wait()
-        except KeyboardInterrupt:  # SIGINT arrived between handler installs; it was forwarded or will be
-            continue
+        signal.signal(sig, forward)
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if asked and time.monotonic() - asked[0] > drain_timeout_s + STOP_GRACE_S:
+                    print("gptoss serve: the server did not stop in time; killing it", file=sys.stderr, flush=True)
+                    _signal_group(child.pid, signal.SIGKILL)
+            except KeyboardInterrupt:  # SIGINT arrived between handler installs; it was forwarded or will be
+                continue
+    finally:
+        _signal_group(child.pid, signal.SIGKILL)  # stragglers of the child's group (Ray's daemons)
+    if code < 0:  # killed by a signal: one that was asked for (before the server could handle it) is a stop
+        return 0 if asked else 128 - code
+    return code
+
+
+STOP_GRACE_S = 10.0  # beyond the drain: what stopping Serve and Ray may take before the group is killed
+
+
+def _signal_group(pgid: int, number: int) -> None:
+    try:
+        os.killpg(pgid, number)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _terminate_with_parent() -> None:
@@ -125,6 +161,16 @@ def _terminate_with_parent() -> None:
 
 
 def serve_here(config: AppConfig, launch: LaunchOptions) -> int:
+    # The handler only records the signal: it runs on the main thread, inside whatever that thread
+    # is blocked in, so it must not take locks (Event.set inside Event.wait deadlocks). Installed
+    # before Ray starts, so that a signal at any moment of startup stops everything started so far.
+    signals: list[int] = []
+
+    def record_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda number, _frame: signals.append(number))
+
+    record_signals()
     import ray
     from ray import serve
 
@@ -139,6 +185,8 @@ def serve_here(config: AppConfig, launch: LaunchOptions) -> int:
         config = config.with_random_model(str(default_random_model()))
         print(f"gptoss serve: no --model given: serving RANDOM weights (gpt-oss layout, tiny preset) from "
               f"{config.model.model} as '{config.model_name()}'", file=sys.stderr, flush=True)
+    announce_dtype("serve", config.engine_args())
+    config = dataclasses.replace(config, model=config.engine_args().resolved().model)  # the Serve app gets it resolved
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.options().items()}
     parse_args(values)  # the application validates the same values again inside Serve
     cluster = config.cluster
@@ -147,36 +195,65 @@ def serve_here(config: AppConfig, launch: LaunchOptions) -> int:
     direct = started_ray and launch.direct_ingress
     if direct:
         os.environ.update(direct_ingress_env(launch.port))
-    if started_ray:
-        # Ray Serve's HTTP proxy runs our guard around its own request-id middleware (middleware.py);
-        # the proxy is started by Ray from this process's environment.
-        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deploy.middleware:proxy_middlewares")
-        extra = {"_metrics_export_port": launch.metrics_export_port} if launch.metrics_export_port else {}
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actors * cluster.cpus_per_actor) + 2),
-                 include_dashboard=False, logging_level=logging.WARNING, **extra)
-    else:
-        ray.init(address=launch.ray_address, logging_level=logging.WARNING)
-    # The handler only records the signal: it runs on the main thread, inside whatever that thread
-    # is blocked in, so it must not take locks (Event.set inside Event.wait deadlocks).
-    signals: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, _frame: signals.append(number))
+    if signals:
+        return _stopped(signals)
+    running = False
     try:
+        if started_ray:
+            # Ray Serve's HTTP proxy runs our guard around its own request-id middleware (middleware.py);
+            # the proxy is started by Ray from this process's environment.
+            os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deploy.middleware:proxy_middlewares")
+            extra = {"_metrics_export_port": launch.metrics_export_port} if launch.metrics_export_port else {}
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actors * cluster.cpus_per_actor) + 2),
+                     include_dashboard=False, logging_level=logging.WARNING, **extra)
+        else:
+            ray.init(address=launch.ray_address, logging_level=logging.WARNING)
+        record_signals()  # again: ray.init installs its own SIGTERM handler, which ends the process at once
+        if signals:
+            return _stopped(signals)
         proxy_port = free_port(launch.host) if direct else launch.port
         serve.start(http_options={"host": launch.host, "port": proxy_port})
-        try:
-            serve.run(build_app(values), name=APP_NAME, route_prefix="/")
-        except RuntimeError as exc:
-            raise ServeFailed(f"the server did not start: {str(exc).splitlines()[-1]} (the log above says why)") from None
+        serve._run(build_app(values), name=APP_NAME, route_prefix="/", _blocking=False)
+        if not wait_until_running(signals):
+            return _stopped(signals)
+        running = True
         print(f"gptoss serve: ready on http://{launch.host}:{launch.port}/v1 (model '{config.model_name()}', "
-              f"engine {config.engine.engine})", flush=True)
+              f"engine {config.engine.engine}, dtype {config.model.dtype})", flush=True)
         while not signals:
             time.sleep(0.2)
         drain(serve.get_app_handle(APP_NAME), config.server.drain_timeout_s)
     finally:
         if started_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
+            if running:  # Serve's own shutdown waits for replicas that are still starting: only when up
+                serve.shutdown()
+            ray.shutdown()  # stops every process Ray started, replicas and actors included
+        elif ray.is_initialized():
+            serve.delete(APP_NAME, _blocking=running)
+    return 0
+
+
+def wait_until_running(signals: list[int]) -> bool:
+    """Until the application serves (True) or a signal arrives (False). Raises ServeFailed at the
+    first failure of its replica's constructor: Serve would try it again, and again fail the same way
+    (an unsupported CPU, no memory, a broken checkpoint, an actor that cannot start), each time
+    after loading for a while, with nothing on the terminal."""
+    from ray import serve
+
+    while not signals:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            if app.status == "RUNNING":
+                return True
+            failures = [d.message for d in app.deployments.values() if d.message.startswith(REPLICA_FAILED)]
+            if app.status in ("DEPLOY_FAILED", "UNHEALTHY") or failures:
+                raise ServeFailed(f"the server did not start: {error_line((failures or [app.message])[0])}")
+        time.sleep(0.25)
+    return False
+
+
+REPLICA_FAILED = "A replica failed to start"  # how Serve's deployment status begins after a constructor raised
+
+
+def _stopped(signals: list[int]) -> int:
+    print(f"gptoss serve: stopped by {signal.Signals(signals[0]).name} while starting", file=sys.stderr, flush=True)
     return 0

@@ -4,8 +4,9 @@ On a CPU with oneDNN, a bf16 weight reordered once into oneDNN's blocked layout 
 about twice as fast as `F.linear` for the few rows of a decode step, and 1.7x for the unembedding
 (measured on the 2-core VM: a [1024, 512] weight at 1-16 rows, 50 -> 25 us; the [201088, 512]
 unembedding at 1 row, 14.3 -> 8.4 ms): F.linear reorders the weight on every call. `prepare()` makes
-that copy once; elsewhere (float32, CUDA, no oneDNN) nothing changes. The prepacked path computes the
-same bf16 products with fp32 accumulation, in another order: results agree within bf16 rounding.
+that copy once; elsewhere (float32, CUDA, a CPU without oneDNN's bf16 path, or GPTOSS_CPU_FALLBACK
+set: capabilities.py) nothing changes. The prepacked path computes the same bf16 products with fp32
+accumulation, in another order: results agree within bf16 rounding.
 
 oneDNN builds (JIT-compiles) a kernel for every new row count, about 1 ms each, and keeps up to 1024
 of them. Serving sees a different row count on nearly every step (the tokens of a step, the rows
@@ -21,10 +22,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model_shards.capabilities import cpu_features
+
 
 def can_prepack(weight: torch.Tensor) -> bool:
+    """A bf16 CPU weight on a CPU where oneDNN's bf16 path runs (and the fallback is not forced)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and cpu_features().fast_bf16)
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:

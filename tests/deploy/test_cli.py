@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import main
+from model_shards.capabilities import AUTO, choose_dtype, cpu_features
 from model_shards.random_checkpoint import make_tiny
 
 PROMPT = "101,2002,30003,4004,505"
@@ -34,6 +35,11 @@ def test_console_script_generate_json_contract(tiny_hf: Path, vocab: Path) -> No
     assert all(isinstance(t, int) for t in out["token_ids"]) and all(lp <= 0 for lp in out["logprobs"])
     assert isinstance(out["text"], str) and out["finish_reason"] == "length"
     assert out["prompt_token_ids"] == [int(x) for x in PROMPT.split(",")]
+    # --dtype auto (the default) is resolved, printed at start and shown in the topology
+    auto = choose_dtype(AUTO, "cpu")
+    assert out["dtype"] == auto.dtype and [a["dtype"] for a in out["topology"]] == [auto.dtype]
+    assert out["topology"][0]["cpu"] == cpu_features().summary()
+    assert f"gptoss generate: dtype {auto.dtype} (auto: {auto.reason})" in run.stderr
     # the same through main() in-process (what the other tests use)
     again = gptoss("generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "6",
                    "--temperature", "0", "--json")

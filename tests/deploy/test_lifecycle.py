@@ -130,3 +130,88 @@ def test_without_direct_ingress_the_proxy_answers_on_the_port(vocab: Path) -> No
                         timeout=60)
         assert ok.status_code == 200 and ok.headers.get_list("x-request-id") == ["r-2"]
         assert ok.json()["usage"]["completion_tokens"] == 2
+
+
+def broken_router_checkpoint(source: Path, out: Path) -> Path:
+    """A copy of `source` whose layer-0 router weight lost a column: its config and index read fine (the
+    command line's checks pass), and the router actor's constructor raises while loading."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        name = next((k for k in tensors if k.endswith("layers.0.mlp.router.weight")), None)
+        if name is not None:
+            tensors[name] = tensors[name][:, :-1].contiguous()
+            save_file(tensors, path, metadata={"format": "pt"})
+            return out
+    raise AssertionError("no router weight found")
+
+
+def test_an_actor_that_cannot_start_is_one_line_and_a_non_zero_exit(tiny_hf: Path, vocab: Path,
+                                                                    tmp_path: Path) -> None:
+    """Ray would not restart an actor whose constructor raised, and Serve would try the replica that
+    waits for it again: the command says why in one line and exits instead."""
+    model = broken_router_checkpoint(tiny_hf, tmp_path / "broken")
+    started = time.monotonic()
+    run = subprocess.run([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--model", str(model), "--engine",
+                          "cluster", "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    last = [line for line in run.stderr.splitlines() if line.strip()][-1]
+    assert run.returncode == 2 and took < 60, (run.returncode, took, run.stderr[-3000:])
+    assert last.startswith("gptoss serve: error: the server did not start: ") and "router could not start" in last
+    assert "CheckpointError" in last and "router.weight has shape" in last, last
+    assert "ready on" not in run.stdout
+
+
+def test_sigterm_while_the_replica_starts_leaves_no_process(vocab: Path, tmp_path: Path) -> None:
+    """SIGTERM while the Serve replica is still building the cluster: the server and every process it
+    started (Ray's daemons, the replica, the actors) are gone within 15 s."""
+    import psutil
+
+    proc = subprocess.Popen([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--engine", "cluster",
+                             "--expert-shards", "2", "--port", str(free_port())],
+                            stdout=open(tmp_path / "out", "w"), stderr=open(tmp_path / "err", "w"), start_new_session=True)
+    root = psutil.Process(proc.pid)
+    tree: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not any("ServeReplica" in _cmdline(p) for p in tree.values()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the Serve replica never started"
+            tree.update({p.pid: p for p in root.children(recursive=True)})
+            time.sleep(0.05)
+        tree.update({p.pid: p for p in root.children(recursive=True)})
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while time.monotonic() - signalled < 15:
+            alive = [p for p in tree.values() if _alive(p)]
+            if proc.poll() is not None and not alive:
+                break
+            time.sleep(0.1)
+        alive = [_cmdline(p)[:120] for p in tree.values() if _alive(p)]
+        assert proc.poll() is not None and not alive, alive
+        assert proc.returncode == 0
+        assert "stopped by SIGTERM while starting" in (tmp_path / "err").read_text()
+        assert "ready on" not in (tmp_path / "out").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree.values():
+            if _alive(p):
+                p.kill()
+
+
+def _cmdline(p) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except Exception:  # gone meanwhile
+        return ""
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
