@@ -3,7 +3,7 @@
 Three option groups (frozen dataclasses of `option` fields, options.py) hold every default, bound and
 help text: `ModelConfig` (what to load), `EngineConfig` (scheduling and KV), `ClusterConfig` (actors,
 resources, data plane, failures). The CLI's flags and the RayService application args are generated
-from them (deploy/flags.py, deploy/app.py) and the server adds its own group (deploy/config.py).
+from them (deploy/cli/flags.py, deploy/app.py) and the server adds its own group (deploy/config.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 
-from cluster.eplb import ExpertPlacement, slot_counts
-from cluster.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE
+from cluster.balancing.eplb import ExpertPlacement, slot_counts
+from cluster.dataplane.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE
 from cluster.options import check_options, option
 from model_shards.capabilities import AUTO
 from model_shards.checkpoint import Checkpoint

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
-from cluster.engine import Engine
-from cluster.executor import Executor, LocalExecutor
+from cluster.engine.engine import Engine
+from cluster.engine.executor import Executor, LocalExecutor
 from cluster.options import OptionValue, flat_values, split_values
 from model_shards.capabilities import DtypeChoice, choose_dtype
 
@@ -55,7 +55,7 @@ def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor
     source = args.model.source()
     if args.engine.engine == "local":
         return LocalExecutor(source, args.engine.kv, args.model.keep_mxfp4, args.model.device, args.engine.threads)
-    from cluster.cluster_executor import ClusterExecutor  # imports ray: only when asked for
+    from cluster.actors.cluster_executor import ClusterExecutor  # imports ray: only when asked for
 
     return ClusterExecutor(source, args.cluster, args.engine.kv, args.model.keep_mxfp4, ray_address)
 

@@ -1,5 +1,5 @@
 """The configuration schema's building blocks: an option is a dataclass field that carries its help
-text and bounds, so that one declaration gives the default, the CLI flag (deploy/flags.py), the
+text and bounds, so that one declaration gives the default, the CLI flag (deploy/cli/flags.py), the
 RayService application argument (deploy/app.py) and the check of a value (`check_options`).
 
     @dataclass(frozen=True)

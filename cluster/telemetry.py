@@ -2,7 +2,7 @@
 
 Actors keep counts per fixed bucket (never raw samples), so reading them is cheap and a scrape
 shows everything since start, as Prometheus histograms expect. Every stats record is a dataclass,
-because it crosses an actor boundary and because its readers (deploy/metrics.py, the benchmark)
+because it crosses an actor boundary and because its readers (deploy/server/metrics.py, the benchmark)
 should name fields, not string keys.
 """
 

@@ -25,9 +25,9 @@ from ray.serve import Application
 
 from cluster.launch import build_engine
 from cluster.options import OptionSpec, schema
-from deploy.api import ApiSettings, create_api
+from deploy.server.api import ApiSettings, create_api
 from deploy.config import APP_GROUPS, AppConfig
-from deploy.metrics import RayExport, ServerMetrics
+from deploy.server.metrics import RayExport, ServerMetrics
 from model_shards.random_checkpoint import default_random_model
 from model_shards.tokenizer import harmony, tokenizer, use_vocab_dir
 

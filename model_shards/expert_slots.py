@@ -1,5 +1,5 @@
 """Expert stacks made of chosen experts, in slot order: what an expert shard holds once load balancing
-places any expert anywhere (cluster/eplb.py). Slot i of a layer's stack is the i-th expert of its
+places any expert anywhere (cluster/balancing/eplb.py). Slot i of a layer's stack is the i-th expert of its
 slot list (ExpertWeights.first is 0: ids index the stack), read from the checkpoint with the ranged
 reads of weights.py, one read per run of consecutive experts, or taken from a stack already held."""
 

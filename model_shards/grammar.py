@@ -2,7 +2,7 @@
 they give, through llguidance.
 
 Why llguidance and not xgrammar, by the per-token mask cost at o200k_harmony's 201,088 tokens
-(`python scripts/bench-grammar-masks.py`, 2026-12-02, the 2-core CPU development VM, xgrammar
+(`python cluster/bench/scripts/bench-grammar-masks.py`, 2026-12-02, the 2-core CPU development VM, xgrammar
 0.2.9, llguidance 1.9.1; best of 5 runs): on a 373-token JSON object that is mostly one long string,
 13.1 us mean per token for llguidance against 16.2 for xgrammar (worst token 102 against 48 us); on
 a 31-token object that is all structure (boolean, enum, bounded integer, array), 21.0 against 3.0 us.

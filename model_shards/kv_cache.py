@@ -1,5 +1,5 @@
 """KV cache storage of one attention replica: paged blocks for every layer, addressed through block
-tables that someone else decides (the engine owns allocation: cluster/kv_manager.py). This module only
+tables that someone else decides (the engine owns allocation: cluster/engine/kv_manager.py). This module only
 stores tensors and turns block ids into row indices.
 
 Two pools of blocks: full-attention layers use `num_blocks` blocks (every past position of a sequence

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.config import KVSpec, ModelSource
-from cluster.engine import Engine
-from cluster.executor import LocalExecutor
+from cluster.engine.engine import Engine
+from cluster.engine.executor import LocalExecutor
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams
 

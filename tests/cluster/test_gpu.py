@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ClusterConfig, KVSpec, ModelSource
-from cluster.engine import Engine
-from cluster.executor import LocalExecutor
+from cluster.engine.engine import Engine
+from cluster.engine.executor import LocalExecutor
 from model_shards.sampling import SamplingParams
 
 KV = KVSpec(num_blocks=128, block_size=16, max_seqs=8)
@@ -38,7 +38,7 @@ def test_local_engine_on_the_gpu(tiny_hf: Path, cpu_tokens: list[list[int]]) -> 
 
 @pytest.mark.gpu
 def test_cluster_with_fractional_gpus(ray_session, tiny_hf: Path, cpu_tokens: list[list[int]]) -> None:
-    from cluster.cluster_executor import ClusterExecutor
+    from cluster.actors.cluster_executor import ClusterExecutor
 
     config = ClusterConfig(attention_replicas=1, expert_shards=2, gpus_per_attention_replica=0.3,
                            gpus_per_expert_shard=0.3, step_timeout_s=120)
@@ -53,7 +53,7 @@ def test_nccl_between_actors_with_whole_gpus(ray_session, tiny_hf: Path, cpu_tok
     and both shards here (4 GPUs); the engine's own channels stay shared memory."""
     import torch
 
-    from cluster.cluster_executor import ClusterExecutor
+    from cluster.actors.cluster_executor import ClusterExecutor
 
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs: one per actor")
@@ -70,9 +70,9 @@ def test_a_shard_on_the_gpu_stages_a_new_placement(tiny_hf: Path) -> None:
     import torch
 
     from cluster.config import ShardSpec
-    from cluster.eplb import balanced_placement, initial_placement, slot_counts
-    from cluster.messages import ShardRequest
-    from cluster.shard import ExpertShard
+    from cluster.balancing.eplb import balanced_placement, initial_placement, slot_counts
+    from cluster.dataplane.messages import ShardRequest
+    from cluster.actors.shard import ExpertShard
 
     source = ModelSource(str(tiny_hf), "float32")
     cfg = source.config()

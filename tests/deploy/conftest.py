@@ -18,9 +18,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from cluster.engine import Engine
+from cluster.engine.engine import Engine
 from cluster.launch import EngineArgs, build_engine
-from deploy.api import ApiSettings, create_api
+from deploy.server.api import ApiSettings, create_api
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 256

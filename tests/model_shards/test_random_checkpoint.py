@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.config import EngineConfig, KVSpec, ModelSource
-from cluster.engine import Engine
-from cluster.executor import LocalExecutor
-from deploy.cli import main
+from cluster.engine.engine import Engine
+from cluster.engine.executor import LocalExecutor
+from deploy.cli.main import main
 from model_shards.batch import SeqChunk, plan_step
 from model_shards.config import PRESETS, preset
 from model_shards.layout import HF, LAYOUTS, layer_names

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.cli import main
+from deploy.cli.main import main
 from model_shards.config import preset
 from model_shards.random_checkpoint import random_weights, write_checkpoint
 from model_shards.weights import ModelWeights

@@ -1,0 +1,111 @@
+"""The attention replica: embedding, attention with its KV cache, norms and sampling for the
+sequences the engine gives it; the MoE block of every layer goes to the router, and the shards that
+compute it answer here, where each token's K outputs are combined."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cluster.config import ReplicaSpec, actor_device
+from cluster.dataplane.messages import MoeRequest, MoeRoute, ReplicaStep, ShardResult, StepResult
+from cluster.dataplane.names import ENGINE, REPLICA_ROLE, ROUTER, shard_name
+from cluster.engine.step import run_micro_batched
+from cluster.telemetry import ReplicaStats
+from cluster.dataplane.transport import Endpoint
+from model_shards.kv_cache import KVCache
+from model_shards.logits import Histories
+from model_shards.model import GptOssModel
+from model_shards.moe import combine
+from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare, warm_up
+
+
+class AttentionReplica:
+    role = REPLICA_ROLE
+    experts = None
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self.index = spec.index
+        self.device = actor_device(spec.use_gpu)
+        dtype = spec.source.torch_dtype
+        with spec.source.open() as ckpt:
+            weights = ModelWeights(ckpt.config, load_globals(ckpt, dtype), load_attention(ckpt, dtype), [], [])
+        move_to(weights, self.device)
+        prepare(weights)
+        warm_up(weights, spec.kv.max_step_tokens, spec.kv.max_seqs)
+        self.model = GptOssModel(weights)
+        self.reset()
+
+    def reset(self) -> None:
+        kv, cfg = self.spec.kv, self.model.config
+        self.histories = Histories()  # penalty histories of the sequences in the cache
+        self.kv = KVCache(cfg, kv.num_blocks, kv.block_size, kv.sliding_blocks(cfg.sliding_window), self.model.dtype,
+                          self.device)
+
+    def serve(self, ep: Endpoint) -> None:
+        while True:
+            step: ReplicaStep = ep.recv(ENGINE)
+            ep.send(ENGINE, self.run(step, ep))
+
+    def run(self, step: ReplicaStep, ep: Endpoint) -> StepResult:
+        start = time.perf_counter()
+        waited = shard_s = 0.0
+        k = self.model.config.experts_per_token
+
+        def send(layer: int, micro: int, t: torch.Tensor) -> None:
+            nonlocal waited
+            began = time.perf_counter()
+            ep.send(ROUTER, MoeRequest(step.step_id, layer, micro, t))
+            waited += time.perf_counter() - began
+
+        def recv(layer: int, micro: int) -> torch.Tensor:
+            """The shards' answers for this group's rows, combined in (token, k) order."""
+            nonlocal waited, shard_s
+            began = time.perf_counter()
+            route: MoeRoute = ep.recv(ROUTER)
+            _expect(route, step.step_id, layer, micro, "the router")
+            parts: list[ShardResult] = []
+            for shard in route.shards.tolist():
+                parts.append(ep.recv(shard_name(shard)))
+                _expect(parts[-1], step.step_id, layer, micro, f"shard {shard}")
+            waited += time.perf_counter() - began
+            shard_s += max((p.compute_s for p in parts), default=0.0)
+            # answers arrive on the host (rings, TCP) or on this device (NCCL)
+            return merge_answers(route, parts, k, self.model.dtype, self.device)
+
+        sampled = run_micro_batched(self.model, self.kv, step, send, recv, self.histories)
+        return StepResult(step.step_id, self.index, sampled, time.perf_counter() - start - waited, waited,
+                          self.kv.usage(), shard_s)
+
+    def stats(self) -> ReplicaStats:
+        return ReplicaStats(self.kv.usage())
+
+
+def merge_answers(route: MoeRoute, parts: list[ShardResult], k: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The answers of route.shards (in that order) to one replica's T tokens -> its MoE output [T, H]
+    in `dtype`: per-assignment outputs go to their t*K + k slots and are summed over k in order; the
+    answers that came summed per token (moe.fused_rows) are added after, in shard order (moe.combine)."""
+    slots = route.slots.to(device)  # [T*K] grouped by shard, token-major within each
+    weighted = torch.empty(slots.shape[0], parts[0].weighted.shape[1], dtype=torch.float32, device=device)
+    summed: torch.Tensor | None = None  # [T, H]
+    offset = 0
+    for part, count in zip(parts, route.counts.tolist()):
+        mine = slots[offset:offset + count]
+        offset += count
+        if not part.summed:
+            weighted[mine] = part.weighted.to(device)
+            continue
+        weighted[mine] = 0
+        if summed is None:
+            summed = torch.zeros(slots.shape[0] // k, weighted.shape[1], dtype=torch.float32, device=device)
+        summed.index_add_(0, torch.unique_consecutive(mine // k), part.weighted.to(device))  # its tokens, ascending
+    return combine(weighted, k, dtype, summed)
+
+
+def _expect(message: MoeRoute | ShardResult, step_id: int, layer: int, micro: int, sender: str) -> None:
+    if (message.step_id, message.layer, message.micro) != (step_id, layer, micro):
+        raise RuntimeError(f"{sender} answered step {message.step_id} layer {message.layer} micro-batch "
+                           f"{message.micro}, expected step {step_id} layer {layer} micro-batch {micro}")

@@ -1,0 +1,139 @@
+"""The router: every layer's router weights; routes each token to its top-4 experts and sends each
+expert shard the rows it needs, and each replica where its shards' answers go (the shards answer the
+replicas directly, which combine in (token, k) order).
+
+It routes by the expert placement the executor gives it (at start, then with a RouterStep: eplb.py)
+and keeps the per-expert counts of the last `window` steps, which the executor reads to rebalance."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from cluster.config import RouterSpec, actor_device
+from cluster.balancing.dispatch import CopyTable, copy_table, owners, plan_dispatch, replica_shares
+from cluster.balancing.eplb import ExpertPlacement
+from cluster.dataplane.messages import MoeRequest, MoeRoute, RouterStep, ShardRequest
+from cluster.dataplane.names import ENGINE, ROUTER_ROLE, replica_name, shard_name
+from cluster.telemetry import ExpertLoad, RouterStats
+from cluster.dataplane.transport import Endpoint
+from model_shards.moe import route
+from model_shards.weights import load_routers, move_to, prepare, warm_up
+
+
+class Router:
+    role = ROUTER_ROLE
+    experts = None
+
+    def __init__(self, spec: RouterSpec) -> None:
+        self.spec = spec
+        self.index = 0
+        self.device = actor_device(spec.use_gpu)
+        self.dtype = spec.source.torch_dtype
+        with spec.source.open() as ckpt:
+            self.config = ckpt.config
+            self.routers = load_routers(ckpt, self.dtype)
+        move_to(self.routers, self.device)
+        prepare(self.routers)
+        warm_up(self.routers, spec.max_rows, 0)
+        cfg = self.config
+        self.adopt(spec.placement)
+        self.expert_tokens = np.zeros((cfg.num_hidden_layers, cfg.num_experts), dtype=np.int64)  # routed counts
+        self.shard_tokens = np.zeros((cfg.num_hidden_layers, len(spec.placement.capacity)), dtype=np.int64)
+        # per step, the last spec.window steps: ([L, E] per expert, [L, M] per shard) and their sums
+        self._window: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._window_sum, self._window_shards = np.zeros_like(self.expert_tokens), np.zeros_like(self.shard_tokens)
+        self._step_counts, self._step_shards = np.zeros_like(self.expert_tokens), np.zeros_like(self.shard_tokens)
+        self._lock = threading.Lock()  # the window is read by expert_load on another thread
+        self.route_s = 0.0  # see RouterStats
+        self._comm_s = 0.0  # sends and receives inside the current unit, not counted as routing
+
+    def reset(self) -> None:
+        """Routing state is per step; nothing to forget."""
+
+    def adopt(self, placement: ExpertPlacement) -> None:
+        self.placement = placement
+        self.tables: list[CopyTable] = [copy_table(slots, self.config.num_experts) for slots in placement.layers]
+
+    def expert_load(self) -> ExpertLoad:
+        """Routed assignments per layer and expert over the last `window` steps."""
+        with self._lock:
+            return ExpertLoad(len(self._window), self._window_sum.copy())
+
+    def _end_step(self) -> None:
+        with self._lock:
+            self._window.append((self._step_counts, self._step_shards))
+            self._window_sum += self._step_counts
+            self._window_shards += self._step_shards
+            if len(self._window) > self.spec.window:
+                experts, shards = self._window.popleft()
+                self._window_sum -= experts
+                self._window_shards -= shards
+        self._step_counts, self._step_shards = np.zeros_like(self.expert_tokens), np.zeros_like(self.shard_tokens)
+
+    def dispatch(self, step_id: int, layer: int, micro: int, t: torch.Tensor, replicas: list[int],
+                 sizes: list[int], ep: Endpoint) -> None:
+        """t [T, H] (the rows of `replicas`, `sizes` each, concatenated) -> each shard its assignments,
+        each replica its MoeRoute. Nothing comes back here."""
+        k = self.config.experts_per_token
+        expert_ids, gates = route(t, self.routers[layer], k)  # [T, K]
+        ids = expert_ids.cpu().numpy()  # [T, K] the host needs them to count and to size messages
+        counts = np.bincount(ids.reshape(-1), minlength=self.config.num_experts)
+        self.expert_tokens[layer] += counts
+        self._step_counts[layer] += counts
+        flat_gates = gates.to(torch.float32).reshape(-1).cpu().numpy()  # [T*K] exact: shards use fp32 gates
+        plan = plan_dispatch(ids, self.tables[layer])
+        owned, per_shard = np.array(replicas, dtype=np.int64), owners(plan, sizes, k)
+        for a, counts in zip(plan, per_shard):
+            present = counts > 0
+            # a shard that needs every row (hot experts, large batches) gets t itself, not a gathered copy
+            x = t if len(a.rows) == t.shape[0] else t[torch.from_numpy(a.rows).to(t.device)]
+            self.shard_tokens[layer, a.shard] += len(a.slots)
+            self._step_shards[layer, a.shard] += len(a.slots)
+            self._send(ep, shard_name(a.shard), ShardRequest(
+                step_id, layer, micro, x, torch.from_numpy(a.token_index), torch.from_numpy(a.expert_slots),
+                torch.from_numpy(flat_gates[a.slots]), torch.from_numpy(owned[present]),
+                torch.from_numpy(counts[present]), self.placement.version))
+        for share in replica_shares(plan, per_shard, sizes, k):
+            self._send(ep, replica_name(replicas[share.replica]), MoeRoute(
+                step_id, layer, micro, torch.from_numpy(share.shards), torch.from_numpy(share.counts),
+                torch.from_numpy(share.slots)))
+
+    def _send(self, ep: Endpoint, peer: str, message: ShardRequest | MoeRoute) -> None:
+        sent = time.perf_counter()
+        ep.send(peer, message)
+        self._comm_s += time.perf_counter() - sent
+
+    def serve(self, ep: Endpoint) -> None:
+        while True:
+            self.run(ep.recv(ENGINE), ep)
+
+    def run(self, header: RouterStep, ep: Endpoint) -> None:
+        """Units (layer, m) in the replicas' own order (messages.py): the m-th micro-batch of every
+        replica that has one."""
+        if header.placement is not None:
+            self.adopt(header.placement)
+        for layer in range(self.config.num_hidden_layers):
+            for micro in range(max(header.micro)):
+                replicas = [r for r, n in zip(header.replicas, header.micro) if micro < n]
+                requests: list[MoeRequest] = [ep.recv(replica_name(r)) for r in replicas]
+                started, self._comm_s = time.perf_counter(), 0.0
+                for r, q in zip(replicas, requests):
+                    if (q.step_id, q.layer, q.micro) != (header.step_id, layer, micro):
+                        raise RuntimeError(f"replica {r} sent step {q.step_id} layer {q.layer} micro-batch "
+                                           f"{q.micro}, expected step {header.step_id} layer {layer} "
+                                           f"micro-batch {micro}")
+                t = torch.cat([q.t for q in requests]).to(self.device)
+                self.dispatch(header.step_id, layer, micro, t, replicas, [q.t.shape[0] for q in requests], ep)
+                self.route_s += time.perf_counter() - started - self._comm_s
+        self._end_step()
+
+    def stats(self) -> RouterStats:
+        with self._lock:
+            recent = tuple(map(tuple, self._window_shards.tolist()))
+        return RouterStats(tuple(self.expert_tokens.sum(0).tolist()), tuple(map(tuple, self.shard_tokens.tolist())),
+                           self.route_s, self.placement.version, recent)

@@ -1,0 +1,1 @@
+"""Expert load balancing: which shard owns which expert (eplb) and where each row goes (dispatch)."""

@@ -1,0 +1,148 @@
+"""Executors run one engine step on whatever holds the model; the engine does not care which.
+
+- LocalExecutor: the whole model in this process (one attention "replica"); `--engine local`.
+- ClusterExecutor (cluster_executor.py): attention replicas, router and expert shards as Ray actors.
+
+A step is a `ReplicaStep` per busy replica; the answer is a `StepResult` per replica. The failure
+contract is the same for both: any failure of a step (an actor died or hung, the KV cache refused a
+reservation, the device ran out of memory, a bug) raises `ExecutorFailure`; the engine then calls
+`recover()`, after which every replica's KV cache is empty, and prefills in-flight sequences again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+
+import torch
+
+from cluster.config import KVSpec, ModelSource
+from cluster.dataplane.messages import ActorInfo, ReplicaStep, StepResult
+from cluster.engine.step import run_replica_step
+from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats, ShardStats
+from model_shards.capabilities import cpu_features
+from model_shards.config import GptOssConfig
+from model_shards.kv_cache import KVCache
+from model_shards.logits import Histories
+from model_shards.loader import load_local_model
+from model_shards.moe import moe_block
+from model_shards.weights import budget_decoded, warm_up
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorFailure(RuntimeError):
+    """A step could not complete (an actor died, hung, or raised; the KV cache or memory ran out)."""
+
+
+def error_line(report: str) -> str:
+    """The exception at the end of a remote traceback (Ray's report of an actor or a Serve replica
+    whose constructor raised), as one line: "Type: message"."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    errors = [line for line in lines if ": " in line and not line.startswith(("File ", "The actor", "Traceback"))]
+    line = (errors or lines or ["unknown error"])[-1]
+    head, sep, rest = line.partition(": ")
+    if sep and "." in head and " " not in head:  # a qualified type name: its last part says enough
+        line = f"{head.rsplit('.', 1)[1]}: {rest}"
+    return line[:500]
+
+
+class Executor(ABC):
+    config: GptOssConfig
+    kv: KVSpec  # capacity of each attention replica
+    num_replicas: int
+    balancing: bool = False  # rebalances experts while serving (--eplb-interval): the cluster only
+
+    @abstractmethod
+    def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
+        """Run one step; `steps` maps replica index -> its part. Raises ExecutorFailure."""
+
+    @abstractmethod
+    def recover(self) -> None:
+        """Bring every actor back (restarting what died or hung) with empty KV caches."""
+
+    @abstractmethod
+    def topology(self) -> list[ActorInfo]: ...
+
+    @abstractmethod
+    def stats(self) -> ExecutorStats: ...
+
+    def rebalance(self) -> bool:
+        """Place experts by the recent routed load now (staged when this returns, switched at the next
+        step). -> whether the placement changes. The local engine holds every expert: never."""
+        return False
+
+    def enter_thread(self) -> None:
+        """Called by the thread that will run execute() (the engine's loop), before its first step."""
+
+    def shutdown(self) -> None:
+        """Release actors and resources."""
+
+
+class LocalExecutor(Executor):
+    def __init__(self, source: ModelSource, kv: KVSpec, keep_mxfp4: bool = False, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        # Inside a Ray actor (a Serve replica) OMP_NUM_THREADS is the actor's CPU count, 1 by default:
+        # the local engine computes with the threads it is given, or every core.
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
+        self.dtype = source.dtype
+        self.model = load_local_model(source.model, source.torch_dtype, keep_mxfp4, device, source.layout)
+        budget_decoded(self.model.weights.experts, source.expert_cache_bytes)
+        start = time.perf_counter()
+        if kernels := warm_up(self.model.weights, kv.max_step_tokens, kv.max_seqs):
+            log.info("ran %d prepacked kernels once (every bucket row count) in %.1fs", kernels,
+                     time.perf_counter() - start)
+        self.config = self.model.config
+        self.kv = kv
+        self.num_replicas = 1
+        self.expert_tokens = torch.zeros(self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long)
+        self.moe_time = Histogram()  # the single "shard": every expert, in this process
+        self.recoveries = 0
+        self.cache = self._new_cache()
+        self.histories = Histories()  # penalty histories of the sequences in the cache
+
+    def enter_thread(self) -> None:
+        torch.set_num_threads(self.threads)  # OpenMP's thread count is a per-thread setting
+
+    def _new_cache(self) -> KVCache:
+        kv = self.kv
+        return KVCache(self.config, kv.num_blocks, kv.block_size, kv.sliding_blocks(self.config.sliding_window),
+                       self.model.dtype, self.model.device)
+
+    def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        w = self.model.weights
+        y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens[layer])
+        self.moe_time.observe(time.perf_counter() - start)
+        return y
+
+    def execute(self, steps: dict[int, ReplicaStep]) -> dict[int, StepResult]:
+        out = {}
+        for replica, step in steps.items():
+            start = time.perf_counter()
+            try:
+                sampled = run_replica_step(self.model, self.cache, step, self._moe, self.histories)
+            except Exception as exc:  # KVCacheFull, out of memory, a bug: the step is lost, as with a dead actor
+                log.warning("local step %d failed", step.step_id, exc_info=exc)
+                raise ExecutorFailure(f"the step failed: {type(exc).__name__}: {exc}") from exc
+            out[replica] = StepResult(step.step_id, replica, sampled, time.perf_counter() - start, 0.0,
+                                      self.cache.usage())
+        return out
+
+    def recover(self) -> None:
+        self.cache = self._new_cache()
+        self.histories = Histories()
+        self.recoveries += 1
+
+    def topology(self) -> list[ActorInfo]:
+        return [ActorInfo("local", 0, os.getpid(), "local", str(self.model.device), [0, self.config.num_experts],
+                          self.threads, self.dtype, cpu_features().summary())]
+
+    def stats(self) -> ExecutorStats:
+        per_layer = tuple((int(n),) for n in self.expert_tokens.sum(1).tolist())  # one "shard": every expert
+        router = RouterStats(tuple(self.expert_tokens.sum(0).tolist()), per_layer, 0.0)
+        return ExecutorStats((ReplicaStats(self.cache.usage()),), router, (ShardStats(None, self.moe_time.snapshot()),),
+                             self.recoveries)

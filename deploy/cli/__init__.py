@@ -1,0 +1,1 @@
+"""The `gptoss` command line."""
