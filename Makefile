@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test serve clean
+.PHONY: install test test-unit serve clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The numerics, MoE, linear and CLI tests run a second time with the CPU fast paths off
 # (GPTOSS_CPU_FALLBACK=1) on CPUs that have them; elsewhere the first pass already ran the fallback.
-FALLBACK_TESTS := tests/model_shards tests/deploy/test_cli.py
+FALLBACK_TESTS := tests/model_shards tests/deploy/cli/test_cli.py
 
 test: install
 	$(PY) -m pytest -q
@@ -26,6 +26,10 @@ test: install
 	else \
 		echo "this CPU has no oneDNN bf16 path: the tests above ran the fallback (docs/cpu.md)"; \
 	fi
+
+# The fast tier: tests that start neither Ray nor a server (conftest.py marks the others).
+test-unit: install
+	$(PY) -m pytest -q -m "not ray and not server"
 
 # Offline: make serve VOCAB_DIR=path/to/dir-with-o200k_base.tiktoken; more flags: SERVE_ARGS="--port 9000"
 serve: install

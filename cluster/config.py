@@ -54,7 +54,7 @@ class ModelConfig:
             raise ValueError("no model given (--model)")
         if self.dtype == AUTO:
             raise ValueError("dtype auto is resolved where the engine is built (EngineArgs.resolved)")
-        return ModelSource(self.model, self.dtype, self.layout, self.expert_cache_mb << 20)
+        return ModelSource(self.model, self.dtype, self.layout, self.expert_cache_mb << 20, self.keep_mxfp4, self.device)
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,8 @@ class ClusterConfig:
     cpus_per_actor: float = option(1.0, "CPUs that Ray reserves per actor, also its torch threads unless a "
                                         "--threads-per-* option says otherwise", gt=0)
     # Torch threads may differ from the reservation: with one micro-batch an attention replica
-    # computes only while its shards wait, so on a small node it may use every core (README,
-    # Performance: on the 2-core VM two replica threads made cluster steps at batch 1 / 16 / 64
-    # about 10 / 5 / 10% shorter).
+    # computes only while its shards wait, so on a small node it may use every core (measured in
+    # docs/performance.md).
     threads_per_attention_replica: int | None = option(None, "torch threads of each attention replica "
                                                              "(default: --cpus-per-actor)", ge=1)
     threads_per_expert_shard: int | None = option(None, "torch threads of each expert shard (default: "
@@ -179,6 +178,8 @@ class ModelSource:
     dtype: str = "bfloat16"
     layout: str | None = None
     expert_cache_bytes: int = 0  # decoded MXFP4 experts kept per process (weights.budget_decoded)
+    keep_mxfp4: bool = False  # MXFP4 experts stay packed and are decoded on use (--expert-weights mxfp4)
+    device: str = "cpu"  # the local engine's torch device (cluster actors take theirs from their GPUs)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -238,6 +239,5 @@ class ShardSpec:
     index: int
     experts: tuple[int, int]  # its home range [a, b): what the topology shows
     slots: tuple[tuple[int, ...], ...]  # [L][S] the experts it loads at start (the range and its redundant copies)
-    keep_mxfp4: bool = False
     use_gpu: bool = False
     max_rows: int = KVSpec.max_step_tokens  # rows one expert can get in a request (the engine's step budget): kernels warmed up to it

@@ -9,7 +9,7 @@ from cluster.config import ClusterConfig, EngineConfig, ModelConfig
 from cluster.engine.engine import Engine
 from cluster.engine.executor import Executor, LocalExecutor
 from cluster.options import OptionValue, flat_values, split_values
-from model_shards.capabilities import DtypeChoice, choose_dtype
+from model_shards.capabilities import AUTO, DtypeChoice, choose_dtype
 
 ENGINE_GROUPS = (ModelConfig, EngineConfig, ClusterConfig)
 
@@ -18,7 +18,7 @@ ENGINE_GROUPS = (ModelConfig, EngineConfig, ClusterConfig)
 class EngineArgs:
     """Everything that builds an engine: what to load, how to schedule, how to distribute."""
 
-    model: ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -41,6 +41,13 @@ class EngineArgs:
     def dtype_choice(self) -> DtypeChoice:
         return choose_dtype(self.model.dtype, self.compute_device())
 
+    def dtype_note(self) -> str | None:
+        """What `--dtype auto` chose and why, in one line (None when a dtype was given)."""
+        if self.model.dtype != AUTO:
+            return None
+        choice = self.dtype_choice()
+        return f"dtype {choice.dtype} (auto: {choice.reason})"
+
     def resolved(self) -> EngineArgs:
         """The same arguments with `--dtype auto` replaced by the dtype it chooses here."""
         dtype = self.dtype_choice().dtype
@@ -54,10 +61,10 @@ def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor
     args = args.resolved()
     source = args.model.source()
     if args.engine.engine == "local":
-        return LocalExecutor(source, args.engine.kv, args.model.keep_mxfp4, args.model.device, args.engine.threads)
+        return LocalExecutor(source, args.engine.kv, args.engine.threads)
     from cluster.actors.cluster_executor import ClusterExecutor  # imports ray: only when asked for
 
-    return ClusterExecutor(source, args.cluster, args.engine.kv, args.model.keep_mxfp4, ray_address)
+    return ClusterExecutor(source, args.cluster, args.engine.kv, ray_address)
 
 
 def build_engine(args: EngineArgs, ray_address: str | None = None) -> Engine:

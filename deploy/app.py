@@ -16,7 +16,6 @@ fails.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
@@ -26,10 +25,8 @@ from ray.serve import Application
 from cluster.launch import build_engine
 from cluster.options import OptionSpec, schema
 from deploy.server.api import ApiSettings, create_api
-from deploy.config import APP_GROUPS, AppConfig
+from deploy.config import APP_GROUPS, AppConfig, prepare
 from deploy.server.metrics import RayExport, ServerMetrics
-from model_shards.random_checkpoint import default_random_model
-from model_shards.tokenizer import harmony, tokenizer, use_vocab_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,39 +73,21 @@ def parse_args(args: dict[str, Any]) -> _AppArgsBase:
         raise ValueError(f"invalid gptoss application arguments: {problems}") from None
 
 
-def api_key(config: AppConfig) -> str | None:
-    if config.server.api_key is not None:
-        return config.server.api_key
-    if config.server.api_key_env:
-        value = os.environ.get(config.server.api_key_env)
-        if not value:
-            raise ValueError(f"api_key_env names {config.server.api_key_env}, which is not set in the environment")
-        return value
-    return None
-
-
 @serve.deployment(name="gptoss-openai", num_replicas=1, max_ongoing_requests=100_000, health_check_period_s=10,
                   health_check_timeout_s=30)
 @serve.ingress()
 class OpenAIServer:
     """The ingress: the engine, the metrics and the FastAPI app in one replica."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.config = config = parse_args(args).config()
-        if config.model.vocab_dir:
-            use_vocab_dir(config.model.vocab_dir)
-        tokenizer(), harmony()  # a server that cannot tokenize must not start
-        if config.model.model is None:
-            config = config.with_random_model(str(default_random_model()))
-            log.warning("no model given: serving RANDOM weights (gpt-oss layout, tiny preset) from %s",
-                        config.model.model)
+    def __init__(self, config: AppConfig) -> None:
+        # A RayService's replica prepares here first; after `gptoss serve` this changes nothing.
+        self.config = config = prepare(config, log.warning)
         self.engine = build_engine(config.engine_args())
         name = config.model_name()
         self.metrics = ServerMetrics(self.engine, name)
         self.export = RayExport(self.metrics.registry)
         s = config.server
-        settings = ApiSettings(name, api_key(config), s.max_body_bytes, s.request_timeout_s, s.default_max_tokens,
-                               s.docs)
+        settings = ApiSettings(name, s.api_key, s.max_body_bytes, s.request_timeout_s, s.default_max_tokens, s.docs)
         self.asgi_app = create_api(self.engine, settings, self.metrics)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -133,9 +112,13 @@ class OpenAIServer:
 
 def build_app(args: dict[str, Any]) -> Application:
     """RayService import_path target: validated args -> the Serve application."""
-    config = parse_args(dict(args or {})).config()
+    return application(parse_args(dict(args or {})).config())
+
+
+def application(config: AppConfig) -> Application:
+    """The Serve application of a configuration (`gptoss serve` passes its own, validated once)."""
     s = config.server
     deployment = OpenAIServer.options(
         graceful_shutdown_timeout_s=s.drain_timeout_s + 5, graceful_shutdown_wait_loop_s=1,
         ray_actor_options={"num_cpus": s.ingress_num_cpus, "resources": s.ingress_resources})
-    return deployment.bind({k: list(v) if isinstance(v, tuple) else v for k, v in config.options().items()})
+    return deployment.bind(config)

@@ -4,11 +4,16 @@ flags and for the RayService application args (`deploy.app:build_app`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig, Resources
 from cluster.launch import EngineArgs
 from cluster.options import OptionValue, check_options, flat_values, option, split_values
+from model_shards.random_checkpoint import default_random_model
+from model_shards.tokenizer import harmony, tokenizer, use_vocab_dir
 
 RANDOM_MODEL_NAME = "gptoss-random-tiny"
 
@@ -55,22 +60,33 @@ APP_GROUPS = (ModelConfig, EngineConfig, ClusterConfig, ServerConfig)
 
 @dataclass(frozen=True)
 class AppConfig:
-    """Every option of the served application."""
+    """Every option of the served application: the engine's arguments and the server's own."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    args: EngineArgs = field(default_factory=EngineArgs)
     server: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
     def from_options(cls, values: dict[str, OptionValue]) -> AppConfig:
-        return cls(*split_values(values, *APP_GROUPS))
+        model, engine, cluster, server = split_values(values, *APP_GROUPS)
+        return cls(EngineArgs(model, engine, cluster), server)
 
     def options(self) -> dict[str, OptionValue]:
-        return flat_values(self.model, self.engine, self.cluster, self.server)
+        return {**self.args.options(), **flat_values(self.server)}
 
     def engine_args(self) -> EngineArgs:
-        return EngineArgs(self.model, self.engine, self.cluster)
+        return self.args
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.args.model
+
+    @property
+    def engine(self) -> EngineConfig:
+        return self.args.engine
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self.args.cluster
 
     def model_name(self) -> str:
         """What clients call the model: --served-model-name, else a hub id as given, or a checkpoint
@@ -84,5 +100,36 @@ class AppConfig:
 
     def with_random_model(self, path: str) -> AppConfig:
         """No model given: serve the random-weight checkpoint at `path`, under RANDOM_MODEL_NAME."""
-        return dataclasses.replace(self, model=dataclasses.replace(self.model, model=path),
+        return dataclasses.replace(self, args=dataclasses.replace(self.args, model=dataclasses.replace(self.model, model=path)),
                                    server=dataclasses.replace(self.server, served_model_name=self.model_name()))
+
+
+API_KEY_ENV = "GPTOSS_API_KEY"  # the API key without a command line that `ps` shows (like VLLM_API_KEY)
+
+
+def prepare(config: AppConfig, say: Callable[[str], None]) -> AppConfig:
+    """The one preparation of a server's configuration, by `gptoss serve` before Ray starts (so that
+    problems show at once) and by the Serve replica (for a RayService, where it is the first): the
+    vocabulary (a server that cannot tokenize must not start), the API key (given, named by
+    api_key_env, or GPTOSS_API_KEY), the random model when none is given, `--dtype auto`. Idempotent:
+    a prepared configuration comes back unchanged. `say` reports what was chosen for the user."""
+    model, server = config.model, config.server
+    if model.vocab_dir:
+        model = dataclasses.replace(model, vocab_dir=os.path.abspath(model.vocab_dir))
+        use_vocab_dir(model.vocab_dir)
+    tokenizer(), harmony()
+    if server.api_key is None and server.api_key_env:
+        value = os.environ.get(server.api_key_env)
+        if not value:
+            raise ValueError(f"api_key_env names {server.api_key_env}, which is not set in the environment")
+        server = dataclasses.replace(server, api_key=value)
+    elif server.api_key is None and os.environ.get(API_KEY_ENV):
+        server = dataclasses.replace(server, api_key=os.environ[API_KEY_ENV])
+    config = AppConfig(dataclasses.replace(config.args, model=model), server)
+    if model.model is None:
+        config = config.with_random_model(str(default_random_model()))
+        say(f"no --model given: serving RANDOM weights (gpt-oss layout, tiny preset) from {config.model.model} "
+            f"as '{config.model_name()}'")
+    if note := config.args.dtype_note():
+        say(note)
+    return dataclasses.replace(config, args=config.args.resolved())

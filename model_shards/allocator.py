@@ -3,9 +3,9 @@
 glibc serves allocations above its mmap threshold (32 MiB at most, adaptively) with fresh mmap'd
 pages and gives them back on free, so every large temporary of a step (a prefill's activations,
 a batch's logits) pays a page fault per 4 KiB page on first touch. Raising the mmap and trim
-thresholds keeps freed memory in the heap for the next step instead. Measured on the 2-core VM:
-prefilling 32 x 128 tokens of the small preset, 1.38 -> 1.28 s; before the expert computation was
-blocked (moe.row_blocks), 2.29 -> 1.51 s. (vLLM's CPU backend preloads tcmalloc for the same reason.)
+thresholds keeps freed memory in the heap for the next step instead, which shortens a large prefill
+somewhat, and did so by about a third before the expert computation was blocked (moe.row_blocks;
+docs/measurements.md). (vLLM's CPU backend preloads tcmalloc for the same reason.)
 The cost: the process keeps its peak memory instead of returning it to the system.
 """
 

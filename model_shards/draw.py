@@ -6,9 +6,9 @@ request recomputes its logits by prefill, which differs from decode in the last 
 inverse CDF over 201088 tokens accumulates that into a different token (seen in the engine's resume
 test); the race changes its winner only on a near tie. The noise of a row comes from a generator
 seeded by (seed, n), the sequence's seed and the index of the token it chooses: whatever else
-shares the batch, on any device. `torch.multinomial` with a seeded generator per row took 3.5 ms per
-row of 201088 (2-core VM); the race 0.5 ms, most of it the noise. Nothing here waits for the device:
-rows with no distribution left (nothing finite, or all zero) are reported in a mask.
+shares the batch, on any device. The race is also several times faster than `torch.multinomial` with
+a seeded generator per row, most of its time the noise (docs/measurements.md). Nothing here waits for
+the device: rows with no distribution left (nothing finite, or all zero) are reported in a mask.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ TOP_P_HEAD = 1024  # top-p looks for its set among this many most likely tokens 
 def argmax_rows(logits: torch.Tensor, block: int = ARGMAX_BLOCK) -> torch.Tensor:
     """[S, V] -> [S] long: each row's first index of its maximum, like max(dim=-1).indices, in two
     passes: the maximum of each block of columns (amax, which vectorizes for bf16 on CPU where max with
-    indices does not), then the index within the first block that holds the row's maximum. Measured on
-    the 2-core VM, bf16 [32, 201088]: 4.5 -> 2.0 ms on one thread, 2.5 -> 1.2 ms on two."""
+    indices does not), then the index within the first block that holds the row's maximum: about twice
+    as fast on bf16 rows of the whole vocabulary, on one thread or two (docs/measurements.md)."""
     s, v = logits.shape
     n = v // block
     block_max = logits[:, :n * block].view(s, n, block).amax(dim=-1)  # [S, n]
@@ -86,8 +86,8 @@ def keep_top_p(probs: torch.Tensor, top_p: Sequence[float], head: int = TOP_P_HE
     """probs [R, V] (not necessarily normalized), top_p per row -> each row's smallest top set reaching
     mass top_p of its total; the most likely token always stays. Rows with top_p >= 1 pass through.
 
-    The set is looked for among each row's `head` most likely tokens first (a top-k, 12 ms for
-    [32, 201088] on the 2-core VM, where sorting whole rows takes 200 ms); only rows whose head does
+    The set is looked for among each row's `head` most likely tokens first (a top-k, more than ten times
+    faster than sorting whole rows of the vocabulary: docs/measurements.md); only rows whose head does
     not reach top_p are sorted whole (that check is a host sync)."""
     if all(p >= 1.0 for p in top_p):
         return probs
@@ -117,8 +117,8 @@ def draw(x: torch.Tensor, top: torch.Tensor, temperature: Sequence[float], top_k
     shifted = (x - top[:, None]).mul_(scale)  # [R, V] <= 0: the logits over temperature, shifted
     # softmax without its normalization. Terms below `floor` (masked ones: -inf) get exactly 0: their mass
     # is below fp32's resolution anyway, and exp() of such arguments, -inf included, takes a slow path
-    # (10 ms for [32, 201088] after a top-k, against 1 ms). A row whose maximum is not finite has no
-    # distribution (nan everywhere): all 0.
+    # (about ten times slower on rows that a top-k has mostly masked: docs/measurements.md). A row whose
+    # maximum is not finite has no distribution (nan everywhere): all 0.
     low = ~(shifted >= floor)  # [R, V] (nan included)
     probs = shifted.clamp_(min=floor).exp_().masked_fill_(low, 0.0)
     if any(m > 0.0 for m in min_p):

@@ -2,16 +2,13 @@
 they give, through llguidance.
 
 Why llguidance and not xgrammar, by the per-token mask cost at o200k_harmony's 201,088 tokens
-(`python cluster/bench/scripts/bench-grammar-masks.py`, 2026-12-02, the 2-core CPU development VM, xgrammar
-0.2.9, llguidance 1.9.1; best of 5 runs): on a 373-token JSON object that is mostly one long string,
-13.1 us mean per token for llguidance against 16.2 for xgrammar (worst token 102 against 48 us); on
-a 31-token object that is all structure (boolean, enum, bounded integer, array), 21.0 against 3.0 us.
-Over both documents llguidance spends 5.5 ms and xgrammar 6.1: answers are mostly string content,
-where llguidance is the faster. Either cost is far under one decode step (about 20 ms here) and under
-applying the mask to the row of logits (77 us, the same for both). What decides beyond that:
-compiling a schema takes 0.3 ms against 1 to 16 ms (every new schema pays it before its request can
-start), and llguidance is one 8 MB wheel with no dependencies, where xgrammar requires torch,
-transformers and on Linux triton (about 1 GB).
+(`python cluster/bench/scripts/bench-grammar-masks.py`; numbers in docs/measurements.md): llguidance
+is somewhat faster on string content and several times slower on pure structure (booleans, enums,
+bounded integers, arrays), and a little faster over whole answers, which are mostly string content.
+Either cost is far under one decode step and under applying the mask to the row of logits (the same
+for both). What decides beyond that: llguidance compiles a schema in a fraction of xgrammar's time
+(every new schema pays it before its request can start), and llguidance is one 8 MB wheel with no
+dependencies, where xgrammar requires torch, transformers and on Linux triton (about 1 GB).
 
 A grammar travels as text (llguidance's JSON form of a top-level grammar), so that it can be checked
 where the request arrives and rebuilt from the text and a sequence's tokens anywhere. Chat answers
@@ -45,7 +42,7 @@ class GrammarError(ValueError):
 
 @functools.cache
 def _tokenizer() -> Any:
-    """llguidance's view of o200k_harmony (about 0.7 s to build, once per process)."""
+    """llguidance's view of o200k_harmony (costly to build, so built once per process: docs/measurements.md)."""
     from llguidance.tiktoken import lltokenizer_from_encoding
 
     return lltokenizer_from_encoding(tokenizer(), eos_token=RETURN)

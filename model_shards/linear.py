@@ -1,18 +1,18 @@
 """A linear layer's weights, and the fastest way this machine has to apply them.
 
 On a CPU with oneDNN, a bf16 weight reordered once into oneDNN's blocked layout ("prepacked") runs
-about twice as fast as `F.linear` for the few rows of a decode step, and 1.7x for the unembedding
-(measured on the 2-core VM: a [1024, 512] weight at 1-16 rows, 50 -> 25 us; the [201088, 512]
-unembedding at 1 row, 14.3 -> 8.4 ms): F.linear reorders the weight on every call. `prepare()` makes
+about twice as fast as `F.linear` for the few rows of a decode step, and nearly as much for the
+unembedding (docs/measurements.md): F.linear reorders the weight on every call. `prepare()` makes
 that copy once; elsewhere (float32, CUDA, a CPU without oneDNN's bf16 path, or GPTOSS_CPU_FALLBACK
 set: capabilities.py) nothing changes. The prepacked path computes the same bf16 products with fp32
 accumulation, in another order: results agree within bf16 rounding.
 
-oneDNN builds (JIT-compiles) a kernel for every new row count, about 1 ms each, and keeps up to 1024
-of them. Serving sees a different row count on nearly every step (the tokens of a step, the rows
-routed to each expert), so rows are padded with zeros up to a few bucket sizes (`bucket_rows`): a row's
-result does not depend on how many rows share the call (checked bitwise in tests/model_shards/
-test_linear.py), and a 32 x 128-token prefill on the small preset takes 1.2 -> 0.83 s (2-core VM).
+oneDNN builds (JIT-compiles) a kernel for every new row count, which costs far more than a small
+layer's call (docs/measurements.md), and keeps up to 1024 of them. Serving sees a different row
+count on nearly every step (the tokens of a step, the rows routed to each expert), so rows are
+padded with zeros up to a few bucket sizes (`bucket_rows`): a row's result does not depend on how many
+rows share the call (checked bitwise in tests/model_shards/test_linear.py), and with the buckets a large
+prefill takes about a third less time (docs/measurements.md).
 """
 
 from __future__ import annotations

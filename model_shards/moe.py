@@ -44,8 +44,8 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 
     Each half is converted to fp32 once and the rest works in place: the same products in the same
     order as gate * sigmoid(alpha * gate) * (up + 1) on an fp32 copy (bit-identical), at one pass
-    over memory per op instead of a fresh tensor each (measured on the 2-core VM, 256 rows of the
-    small preset: 410 -> 300 us). The input is never written."""
+    over memory per op instead of a fresh tensor each, which saves about a quarter of its time on a
+    prefill's rows (docs/measurements.md). The input is never written."""
     gate = gate_up[..., 0::2].to(torch.float32, copy=True).clamp_(max=limit)
     up = gate_up[..., 1::2].to(torch.float32, copy=True).clamp_(min=-limit, max=limit).add_(1)
     return torch.sigmoid(gate * alpha).mul_(gate).mul_(up)
@@ -86,8 +86,8 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
 
 def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
     """On CUDA, bf16 dense experts run as two grouped matmuls (`torch._grouped_mm`), whatever the step:
-    no loop over experts and no host sync but one. On CPU the prepacked paths are faster (measured on
-    the 2-core VM, 32 experts: 1.74 against 1.38 ms at 1 row each, 6.25 against 4.77 ms at 256)."""
+    no loop over experts and no host sync but one. On CPU the prepacked paths take about a fifth less
+    time, from one row per expert to a prefill's hundreds (docs/measurements.md)."""
     return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
             and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
@@ -123,9 +123,8 @@ def batches_well(w: ExpertWeights, active: int, rows: int) -> bool:
     is read either way, in one call instead of one per expert) and those rows are few, on the bf16
     weights of a CPU that prepacks (float32 keeps the per-expert path, the exactness reference).
     Beyond BATCHED_MAX_ROWS rows per expert in use (prefill), one prepacked matmul per expert is faster
-    than `baddbmm`, which reorders the weights on every call: measured on the 2-core VM, small preset,
-    bare prefill of 1 / 2 / 4 / 8 prompts of 128 tokens, 82.6 -> 75.4, 121.8 -> 99.5, 149.8 -> 149.3,
-    240.6 -> 242.4 ms."""
+    than `baddbmm`, which reorders the weights on every call: the threshold keeps small prefills faster
+    and larger ones no slower (docs/measurements.md)."""
     return (isinstance(w.gate_up, DenseStack) and bool(w.gate_up.packed) and 4 * active >= 3 * w.count
             and rows <= BATCHED_MAX_ROWS * active)
 
@@ -134,8 +133,8 @@ def batched_experts(x: torch.Tensor, tokens: torch.Tensor, segments: list[tuple[
                     cfg: GptOssConfig) -> torch.Tensor:
     """x [T', H], tokens [n] (row of x per assignment, grouped by expert as `segments` say) -> [n, H]
     expert outputs, every expert of the stack in batched matmuls over rows padded to the busiest
-    expert's count. Measured on the 2-core VM, 32 experts x 4 rows of the small preset: 1.48 ms as 32
-    prepacked matmuls, 1.0 ms batched. gate_up of a few tokens goes through the whole prepacked stack
+    expert's count: for a few rows per expert, about a third less time than one prepacked matmul per
+    expert (docs/measurements.md). gate_up of a few tokens goes through the whole prepacked stack
     instead (every token through every expert, then each assignment's row picked): `baddbmm` reorders
     the weights for the CPU's matrix unit on every call, the prepacked stack does not."""
     assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
@@ -188,9 +187,8 @@ def combine(weighted: torch.Tensor, k: int, dtype: torch.dtype, summed: torch.Te
 
 def fuses_well(w: ExpertWeights, tokens: int, active: int) -> bool:
     """fused_rows pays for few tokens over at least half of the experts of `w` (below that, the
-    per-expert matmuls read less): measured on the 2-core VM, small preset, bare decode steps at batch
-    4 / 8 / 12; and for an expert shard (16 of the 32 experts, one thread, its rows of steps of 8 /
-    16 / 32 tokens, against run_experts: 2.56 -> 2.26, 3.06 -> 2.43, 3.54 -> 3.25 ms per layer)."""
+    per-expert matmuls read less), in the local engine's decode steps and in an expert shard's part of
+    them alike (docs/measurements.md)."""
     return (isinstance(w.down, DenseStack) and w.down.stacked is not None and isinstance(w.gate_up, DenseStack)
             and w.gate_up.stacked is not None and tokens <= FUSED_MAX_TOKENS and 2 * active >= w.count)
 

@@ -91,8 +91,8 @@ class Choice:
 def log_normalizer(logits: torch.Tensor, top: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """[R, V] -> [R] logsumexp (`top`: the rows' maxima, when known). Terms more than EXP_FLOOR below
     the row's max are clamped there first: their share of the sum is below fp32's resolution, and
-    exp() of such arguments takes a slow path (measured: 68 ms instead of 3 ms for 32 rows of 201088
-    logits). `inplace` overwrites `logits` (it saves a copy of the whole [R, V])."""
+    exp() of such arguments takes a slow path, more than ten times slower over rows of the whole
+    vocabulary (docs/measurements.md). `inplace` overwrites `logits` (it saves a copy of the whole [R, V])."""
     top = logits.amax(dim=-1) if top is None else top  # [R]
     shifted = logits.sub_(top[:, None]) if inplace else logits - top[:, None]
     return top + shifted.clamp_(min=EXP_FLOOR).exp_().sum(dim=-1).log()

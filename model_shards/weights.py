@@ -39,12 +39,13 @@ RouterWeights = Linear  # [E, H] + [E]
 
 # Tokens up to which the batched experts run gate_up through the whole prepacked stack (DenseStack.
 # stack_whole): each token through all n experts costs n / K times the FLOPs it needs, which the
-# weights' read hides up to here (measured on the 2-core VM, small preset, 32 experts: 1.4 against
-# 2.0 ms at 8 tokens, 1.8 against 1.9 at 32, 2.1 against 2.4 at 64).
+# weights' read hides up to here: the whole stack ran faster than the per-expert path from 8 to 64
+# tokens (docs/measurements.md).
 STACKED_MAX_TOKENS = 64
 # Rows up to which the MoE (the local engine's, or an expert shard's part) runs down and the sum
-# over each token's experts as one matmul through the experts side by side (moe.fused_rows): 0.58 against 0.85 ms at 16 tokens, 0.78 against 0.85 at
-# 32, even at 48 (same VM and model).
+# over each token's experts as one matmul through the experts side by side (moe.fused_rows): faster than
+# the per-expert matmuls up to here, with the lead shrinking as tokens grow and gone by 48
+# (docs/measurements.md).
 FUSED_MAX_TOKENS = 32
 # Expert stacks above this size are not stacked (their memory would count three times: the weights,
 # the per-expert prepacked copies, the stacked copy); 256 MiB keeps it to small models such as the
@@ -210,7 +211,7 @@ _Kernel = tuple[torch.Tensor, Union[torch.Tensor, None], torch.Tensor, int]
 def warm_up(obj: object, max_rows: int, max_sampled: int) -> int:
     """Call every prepacked weight shape in `obj` once at each bucket row count it can see (the
     unembedding up to `max_sampled` rows, the rest up to `max_rows`), so that serving does not pay
-    oneDNN's kernel build (about 1 ms per new row count: linear.py) on its first steps. -> kernels
+    oneDNN's kernel build (one per new row count: linear.py) on its first steps. -> kernels
     called. Nothing to do where nothing is prepacked (float32, CUDA)."""
     kernels: dict[tuple, _Kernel] = {}
     for part in _parts(obj):  # a GlobalWeights comes before its unembedding: that one gets max_sampled

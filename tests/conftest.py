@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,15 +24,36 @@ VOCAB_DIR = SHARED / "tokenizer"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# Fixtures that start a `gptoss serve` process (tests/deploy, tests/k8s): their tests are in the server tier.
+SERVER_FIXTURES = {"server", "sdk", "small_server", "metrics_server", "prometheus"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Test tiers: a test that uses the session's Ray is marked `ray`, one that uses a server process
+    `server` (modules that start either otherwise say so with `pytestmark`); `make test-unit` runs the
+    rest. GPU tests are skipped without CUDA."""
     import torch
 
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if "ray_session" in names:
+            item.add_marker(pytest.mark.ray)
+        if names & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The unit tier must not have started Ray: a test that does so unmarked belongs in the `ray` tier."""
+    ray = sys.modules.get("ray")
+    if "not ray" in (session.config.option.markexpr or "") and ray is not None and ray.is_initialized():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nRay was started by a test outside the `ray` tier: mark it (pytest.mark.ray)", file=sys.stderr)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -115,3 +115,45 @@ def test_no_import_cycles() -> None:
     assert {"cluster.engine.engine", "deploy.server.api", "model_shards.model"} <= set(graph)  # the walk found the modules
     assert "deploy.server.routes.chat" in graph["deploy.server.api"]  # and their imports, function-level ones included
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+# Within cluster/, Ray is the control plane of the actors: only the modules that make or measure
+# actors import it, so that the engine, the scheduler and the local executor run without it.
+RAY_IN_CLUSTER = ("cluster/actors/", "cluster/bench/hop.py")
+
+
+def test_ray_is_imported_only_where_actors_are_made() -> None:
+    for path in (REPO / "cluster").rglob("*.py"):
+        rel = path.relative_to(REPO).as_posix()
+        if "ray" in _imports_anywhere(path):
+            assert rel.startswith(RAY_IN_CLUSTER), f"{rel} imports ray"
+
+
+def _imports_anywhere(path: Path) -> set[str]:
+    """Top-level package names `path` imports, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_engine_and_the_cli_import_without_ray() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, cluster.launch, cluster.engine.engine, cluster.engine.executor, deploy.cli.commands; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_cluster_top_level_stays_small() -> None:
+    """cluster/ names its parts in folders (engine, actors, dataplane, balancing, bench); its top level
+    keeps only what they all share (configuration, options, telemetry, launch)."""
+    top = sorted(p.name for p in (REPO / "cluster").glob("*.py"))
+    assert len(top) <= 8, top
+    assert {p.name for p in (REPO / "cluster").iterdir() if p.is_dir() and (p / "__init__.py").exists()} == \
+        {"engine", "actors", "dataplane", "balancing", "bench"}

@@ -42,8 +42,7 @@ STOP_TIMEOUT_S = 5.0  # an actor that cannot acknowledge `stop` within this is t
 
 
 class ClusterExecutor(Executor):
-    def __init__(self, source: ModelSource, cluster: ClusterConfig, kv: KVSpec, keep_mxfp4: bool = False,
-                 ray_address: str | None = None) -> None:
+    def __init__(self, source: ModelSource, cluster: ClusterConfig, kv: KVSpec, ray_address: str | None = None) -> None:
         self.source, self.cluster, self.kv = source, cluster, kv
         self.config = source.config()
         self.num_replicas = cluster.attention_replicas
@@ -66,7 +65,7 @@ class ClusterExecutor(Executor):
         members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0,
                                                                  kv.max_step_tokens),
                         c.gpus_per_router, c.router_resources))
-        members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], placement.shard(j), keep_mxfp4,
+        members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], placement.shard(j),
                                                           c.gpus_per_expert_shard > 0, kv.max_step_tokens),
                      c.gpus_per_expert_shard, c.expert_shard_resources) for j in range(len(self.bounds))]
         connect_ray(ray_address, len(members) * c.cpus_per_actor)
@@ -122,11 +121,11 @@ class ClusterExecutor(Executor):
             pairs += [(ENGINE, r), (r, ENGINE), (r, ROUTER), (ROUTER, r)]
         for s in shards:
             pairs += [(ROUTER, s)] + [(s, r) for r in replicas]  # shards answer the replicas directly
-        if self.cluster.dataplane.transport == "shm" and len(set(nodes.values())) > 1:
+        if self.cluster.transport == "shm" and len(set(nodes.values())) > 1:
             raise ExecutorFailure("transport shm needs every actor on the engine's node; use auto or tcp")
         prefix = f"gptoss-{self._uid}-{self._epoch}-"
         try:
-            spec = plan_channels(prefix, pairs, nodes, self.cluster.ring_mb << 20, self.cluster.dataplane.transport,
+            spec = plan_channels(prefix, pairs, nodes, self.cluster.ring_mb << 20, self.cluster.transport,
                                  self._whole_gpus())
         except ValueError as exc:
             raise ExecutorFailure(str(exc)) from None

@@ -12,13 +12,10 @@ from cluster.config import ReplicaSpec, actor_device
 from cluster.dataplane.messages import MoeRequest, MoeRoute, ReplicaStep, ShardResult, StepResult
 from cluster.dataplane.names import ENGINE, REPLICA_ROLE, ROUTER, shard_name
 from cluster.engine.step import run_micro_batched
-from cluster.telemetry import ReplicaStats
 from cluster.dataplane.transport import Endpoint
-from model_shards.kv_cache import KVCache
-from model_shards.logits import Histories
-from model_shards.model import GptOssModel
+from cluster.engine.replica_core import ReplicaCore
+from cluster.telemetry import ReplicaStats
 from model_shards.moe import combine
-from model_shards.weights import ModelWeights, load_attention, load_globals, move_to, prepare, warm_up
 
 
 class AttentionReplica:
@@ -29,20 +26,11 @@ class AttentionReplica:
         self.spec = spec
         self.index = spec.index
         self.device = actor_device(spec.use_gpu)
-        dtype = spec.source.torch_dtype
-        with spec.source.open() as ckpt:
-            weights = ModelWeights(ckpt.config, load_globals(ckpt, dtype), load_attention(ckpt, dtype), [], [])
-        move_to(weights, self.device)
-        prepare(weights)
-        warm_up(weights, spec.kv.max_step_tokens, spec.kv.max_seqs)
-        self.model = GptOssModel(weights)
-        self.reset()
+        self.core = ReplicaCore(spec.source, spec.kv, self.device, with_experts=False)  # the MoE runs on the shards
+        self.model = self.core.model
 
     def reset(self) -> None:
-        kv, cfg = self.spec.kv, self.model.config
-        self.histories = Histories()  # penalty histories of the sequences in the cache
-        self.kv = KVCache(cfg, kv.num_blocks, kv.block_size, kv.sliding_blocks(cfg.sliding_window), self.model.dtype,
-                          self.device)
+        self.core.reset()
 
     def serve(self, ep: Endpoint) -> None:
         while True:
@@ -75,12 +63,12 @@ class AttentionReplica:
             # answers arrive on the host (rings, TCP) or on this device (NCCL)
             return merge_answers(route, parts, k, self.model.dtype, self.device)
 
-        sampled = run_micro_batched(self.model, self.kv, step, send, recv, self.histories)
+        sampled = run_micro_batched(self.model, self.core.cache, step, send, recv, self.core.histories)
         return StepResult(step.step_id, self.index, sampled, time.perf_counter() - start - waited, waited,
-                          self.kv.usage(), shard_s)
+                          self.core.usage(), shard_s)
 
     def stats(self) -> ReplicaStats:
-        return ReplicaStats(self.kv.usage())
+        return ReplicaStats(self.core.usage())
 
 
 def merge_answers(route: MoeRoute, parts: list[ShardResult], k: int, dtype: torch.dtype,

@@ -3,8 +3,8 @@ which replica gets which answers: the router's bookkeeping, as pure functions.
 
 Numpy on the host: the router needs the expert ids there anyway (to count them and to size each
 shard's message), and for the few assignments of a decode step numpy's small calls cost no more
-than the torch ops they replace (measured in a loop that runs the shards in between, at batch 1:
-about 0.5 ms of router work per layer either way, most of it cache misses after the experts ran).
+than the torch ops they replace (timed in a loop that runs the shards in between, most of the
+router's time either way is cache misses after the experts ran: docs/measurements.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """One-way byte streams between two processes: a shared-memory ring (same node) and TCP.
 
-Why not torch.distributed or Ray calls: measured one-way latency between two processes on the 2-core
-development machine (median of 300; see README "Data plane"): for a 1 x 2880 fp32 row, shared memory
-with a FIFO wake-up 12 us, TCP loopback 40 us, gloo send/recv 181 us, a Ray actor call ~2 ms.
+Why not torch.distributed or Ray calls: by one-way latency between two processes for a small message,
+shared memory with a FIFO wake-up beats TCP loopback about threefold, gloo send/recv is slower than
+both by far, and a Ray actor call is two orders of magnitude slower (docs/measurements.md).
 
 Shared-memory ring: one writer, one reader, a file in /dev/shm holding two monotonic byte counters
 (written, read), a "writer waiting" flag and `capacity` bytes of data. The reader creates it; the
@@ -77,8 +77,9 @@ def _full_fence() -> None:
 
     Python has no fence instruction, but on x86 any locked read-modify-write instruction is one, and
     acquiring and releasing an uncontended `threading.Lock` does at least one (a `lock cmpxchg` in
-    glibc's semaphore or CPython's mutex): about 100 ns, 175 ns measured with the Python call. Nothing
-    else ever holds _FENCE, so it never blocks. This is no barrier on ARM (see the module docstring)."""
+    glibc's semaphore or CPython's mutex), negligible next to a message's other costs
+    (docs/measurements.md). Nothing else ever holds _FENCE, so it never blocks. This is no barrier
+    on ARM (see the module docstring)."""
     with _FENCE:
         pass
 

@@ -2,12 +2,12 @@
 
 The per-layer messages (MoeRequest, ShardRequest, MoeRoute, ShardResult) hold only ints, floats, bools
 and tensors; they get a fixed binary header built from their dataclass fields, because pickling them
-cost 100-300 us per message inside the actors (measured; see README "Data plane"), several times the
-channel itself. Everything else (one ReplicaStep and StepResult per step) is pickled, with its
-tensors taken out of band. Either way the tensors' bytes follow the header raw: sent from a numpy
-view of the tensor (no copy for a contiguous CPU tensor), received as numpy-constructed views of the
-one receive buffer. Measured in a warm loop on the 2-core VM, send + receive of a 1-row ShardRequest
-went from 85 to 50 us with these views instead of torch.frombuffer / detach / to / contiguous calls.
+cost several times the channel itself per message inside the actors (docs/measurements.md).
+Everything else (one ReplicaStep and StepResult per step) is pickled, with its tensors taken out of
+band. Either way the tensors' bytes follow the header raw: sent from a numpy view of the tensor (no
+copy for a contiguous CPU tensor), received as numpy-constructed views of the one receive buffer.
+These views take about 40% off a small message's send + receive against torch.frombuffer / detach /
+to / contiguous calls, a torch call's overhead each (docs/measurements.md).
 
 Header: b"F", type index, tensor count, each tensor's rank, then one struct of the fields in order
 (int: q, float: d, bool: ?, tensor: dtype code B and its dims); or b"P" + pickle of (tensor specs, body).

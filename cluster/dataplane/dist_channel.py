@@ -1,7 +1,7 @@
 """Channels over a torch.distributed process group: NCCL between actors that each own a whole GPU
 (tensors go from device to device, never through host memory), gloo on CPUs (which is how CI tests
-this code; on CPU it is slower than the shared-memory ring: 106 us for a 1 x 2880 fp32 round trip
-between two processes, against about 25 us).
+this code; on CPU it is several times slower than the shared-memory ring for a small message:
+docs/measurements.md).
 
 One group per plane epoch, over every participant that has a channel of this kind, built on the
 engine's TCPStore (keys under the epoch's prefix) with the process-group classes themselves, not

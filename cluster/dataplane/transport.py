@@ -17,8 +17,9 @@ device, rather than bytes).
 
 Which kind each directed pair gets (`--transport`): `auto` takes NCCL between two actors that each
 own whole GPUs (Ray gives each its own), a shared-memory ring within a node, TCP between nodes
-(channels.py has the measurements behind that choice); `shm`, `tcp` and `gloo` force one kind for
-every pair; `nccl` is `auto` that fails rather than fall back when some actor pair has no whole GPUs.
+(channels.py has the reasons behind that choice, docs/measurements.md the numbers); `shm`, `tcp` and
+`gloo` force one kind for every pair; `nccl` is `auto` that fails rather than fall back when some actor
+pair has no whole GPUs.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The engine: continuous batching over an executor (local or cluster).
 
-Requests join and leave the running batch between steps; the scheduler (scheduler.py) decides each
-step, and owns the KV blocks of every replica (kv_manager.py). Tokens are delivered per request as
-`Event`s (to a queue, or to a callback such as an asyncio bridge). Abort frees the request's KV at the
-next step. When a step fails, on any executor, the executor is recovered and every in-flight sequence
-is prefilled again from its prompt plus the tokens it already produced; seeded, counter-based
-sampling makes the continuation exactly what it would have been.
+Requests join and leave the running batch between steps; the scheduler (scheduler.py) owns every
+request's state (queues, output tokens, stop checks), decides each step, and owns the KV blocks of
+every replica (kv_manager.py); the engine holds the threads, the lock and the events. Tokens are
+delivered per request as `Event`s (to a queue, or to a callback such as an asyncio bridge). Abort
+frees the request's KV at the next step. When a step fails, on any executor, the executor is
+recovered and every in-flight sequence is prefilled again from its prompt plus the tokens it already
+produced; seeded, counter-based sampling makes the continuation exactly what it would have been.
 
 n > 1 (several choices for one prompt): `submit(..., leader=handle)` makes a request wait until the
 leader's prompt is in the prefix cache, then share its blocks instead of computing them again.
@@ -20,10 +21,10 @@ import time
 from typing import Callable
 
 from cluster.config import EngineConfig
-from cluster.engine.events import EngineOverloaded, EngineUnavailable, Event, RequestHandle, RequestTimes
+from cluster.engine.events import EngineUnavailable, Event, RequestHandle, RequestTimes
 from cluster.engine.executor import Executor, ExecutorFailure
 from cluster.dataplane.messages import StepResult
-from cluster.engine.scheduler import Schedule, Scheduler, Seq
+from cluster.engine.scheduler import Finished, Schedule, Scheduler, Seq
 from cluster.telemetry import EngineLoad
 from model_shards.grammar import Constraint, GrammarError
 from model_shards.requests import Completion, InvalidRequest, validate_request
@@ -105,11 +106,7 @@ class Engine:
             lead = self._by_request.get(leader) if leader is not None else None
             seq = Seq(seq_id, handle, list(prompt_ids), params, seed, RequestTimes(time.monotonic()), leader=lead,
                       constraint=constraint)
-            self.scheduler.waiting.append(seq)
-            self.scheduler.admit()  # what the next step would run is not waiting: only the rest counts
-            if seq in self.scheduler.waiting and len(self.scheduler.waiting) > self.config.max_waiting:
-                self.scheduler.waiting.remove(seq)
-                raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting; try again later")
+            self.scheduler.add(seq)  # raises EngineOverloaded when too many wait already
             self._by_request[request_id] = seq
             self._lock.notify()
         return handle
@@ -130,7 +127,7 @@ class Engine:
     def load(self) -> EngineLoad:
         with self._lock:
             s = self.scheduler
-            return EngineLoad(len(s.running), len(s.waiting), s.kv_usage(), self.steps, s.prefix_queries,
+            return EngineLoad(s.num_running, s.num_waiting, s.kv_usage(), self.steps, s.prefix_queries,
                               s.prefix_hits, s.kv_cached_share())
 
     def begin_drain(self) -> int:
@@ -141,7 +138,7 @@ class Engine:
 
     def in_flight(self) -> int:
         with self._lock:
-            return len(self.scheduler.waiting) + len(self.scheduler.running)
+            return self.scheduler.num_unfinished
 
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Refuse new requests, let in-flight ones finish for up to `drain_timeout_s`, end the
@@ -155,9 +152,7 @@ class Engine:
             self._lock.notify()
         self._thread.join(timeout=30)
         with self._lock:
-            for seq in self.scheduler.waiting + self.scheduler.running:
-                self._finish(seq, "abort", "the server shut down before the request finished")
-            self.scheduler.waiting, self.scheduler.running = [], []
+            self._report(self.scheduler.drain("abort", "the server shut down before the request finished"))
         self.executor.shutdown()
 
     # -- the loop --------------------------------------------------------------------------------
@@ -165,7 +160,7 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not self._stopped and not (self.scheduler.has_work() or self._aborts):
+                    while not self._stopped and not (self.scheduler.has_work or self._aborts):
                         self._lock.wait()
                     if self._stopped:
                         return
@@ -178,17 +173,11 @@ class Engine:
             self._fail_everything(f"engine loop failed: {exc}")
 
     def _apply_aborts(self) -> None:
-        for request_id in self._aborts:
-            seq = self._by_request.get(request_id)
-            if seq is not None and not seq.finished:
-                self._end(seq, "abort")
+        seqs = [self._by_request[r] for r in self._aborts if r in self._by_request]
         self._aborts.clear()
+        self._report(self.scheduler.abort(seqs))
 
     def _run(self, schedule: Schedule) -> None:
-        now = time.monotonic()
-        for pairs in schedule.chunks.values():
-            for seq, _ in pairs:
-                seq.times.scheduled = seq.times.scheduled or now
         try:
             results = self.executor.execute(schedule.steps)
         except ExecutorFailure as exc:
@@ -201,36 +190,19 @@ class Engine:
             self._apply(results, schedule)
 
     def _apply(self, results: dict[int, StepResult], schedule: Schedule) -> None:
-        now = time.monotonic()
-        for r, pairs in schedule.chunks.items():
-            sampled = {s.seq_id: s for s in results[r].sampled}
-            for seq, n in pairs:
-                self.scheduler.computed(seq, n)
-                got = sampled.get(seq.seq_id)
-                if got is None or seq.finished:
-                    continue
-                self.scheduler.appended(seq, got.token)
-                seq.times.first_token = seq.times.first_token or now
-                seq.times.token_times.append(now)
-                seq.handle.emit(Event(seq.handle.request_id, got.token, got.logprob, got.top))
-                if got.token in seq.params.stop_token_ids:
-                    self._end(seq, "stop")
-                elif len(seq.out) >= seq.params.max_tokens:
-                    self._end(seq, "length")
+        for out in self.scheduler.update_from_output(schedule, results):
+            got = out.sampled
+            out.seq.handle.emit(Event(out.seq.handle.request_id, got.token, got.logprob, got.top))
+            if out.finished is not None:
+                self._report([out.finished])
 
-    def _end(self, seq: Seq, reason: str, error: str | None = None) -> None:
-        """Finish a sequence and give back its replica resources (caller holds the lock)."""
-        replica = seq.replica
-        self.scheduler.end(seq)
-        self._finish(seq, reason, error, replica)
-
-    def _finish(self, seq: Seq, reason: str, error: str | None = None, replica: int | None = None) -> None:
-        if seq.finished:
-            return
-        seq.times.finished = time.monotonic()
-        self._by_request.pop(seq.handle.request_id, None)
-        seq.handle.emit(Event(seq.handle.request_id, finish_reason=reason, error=error, times=seq.times,
-                              cached_tokens=seq.hit, replica=replica))
+    def _report(self, finished: list[Finished]) -> None:
+        """Send the final event of sequences the scheduler ended (caller holds the lock)."""
+        for done in finished:
+            seq = done.seq
+            self._by_request.pop(seq.handle.request_id, None)
+            seq.handle.emit(Event(seq.handle.request_id, finish_reason=done.reason, error=done.error,
+                                  times=seq.times, cached_tokens=seq.hit, replica=done.replica))
 
     def _recover(self, reason: str) -> None:
         try:
@@ -240,19 +212,10 @@ class Engine:
             self._fail_everything(f"the cluster could not recover from '{reason}': {exc}")
             return
         with self._lock:
-            resumed = []
-            for seq in self.scheduler.reset():
-                seq.attempts += 1
-                if seq.attempts > self.config.max_attempts:
-                    self._finish(seq, "error", f"gave up after {seq.attempts} failures; last: {reason}")
-                else:
-                    resumed.append(seq)
-            self.scheduler.waiting = resumed + self.scheduler.waiting  # resumed first, in their order
+            self._report(self.scheduler.recover(reason))
 
     def _fail_everything(self, message: str) -> None:
         with self._lock:
             self.healthy = False
             self.last_error = message
-            for seq in self.scheduler.waiting + self.scheduler.running:
-                self._finish(seq, "error", message)
-            self.scheduler.waiting, self.scheduler.running = [], []
+            self._report(self.scheduler.drain("error", message))

@@ -20,15 +20,13 @@ import torch
 
 from cluster.config import KVSpec, ModelSource
 from cluster.dataplane.messages import ActorInfo, ReplicaStep, StepResult
+from cluster.engine.replica_core import ReplicaCore
 from cluster.engine.step import run_replica_step
 from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats, ShardStats
 from model_shards.capabilities import cpu_features
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
-from model_shards.logits import Histories
-from model_shards.loader import load_local_model
 from model_shards.moe import moe_block
-from model_shards.weights import budget_decoded, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -82,35 +80,30 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    def __init__(self, source: ModelSource, kv: KVSpec, keep_mxfp4: bool = False, device: str = "cpu",
-                 threads: int | None = None) -> None:
+    """The whole model in this process: one replica core (replica_core.py) that also holds every
+    expert, so the MoE block of each layer is computed in process."""
+
+    def __init__(self, source: ModelSource, kv: KVSpec, threads: int | None = None) -> None:
         # Inside a Ray actor (a Serve replica) OMP_NUM_THREADS is the actor's CPU count, 1 by default:
         # the local engine computes with the threads it is given, or every core.
         self.threads = threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         self.dtype = source.dtype
-        self.model = load_local_model(source.model, source.torch_dtype, keep_mxfp4, device, source.layout)
-        budget_decoded(self.model.weights.experts, source.expert_cache_bytes)
-        start = time.perf_counter()
-        if kernels := warm_up(self.model.weights, kv.max_step_tokens, kv.max_seqs):
-            log.info("ran %d prepacked kernels once (every bucket row count) in %.1fs", kernels,
-                     time.perf_counter() - start)
+        self.core = ReplicaCore(source, kv, source.device, with_experts=True)
+        self.model = self.core.model
         self.config = self.model.config
         self.kv = kv
         self.num_replicas = 1
         self.expert_tokens = torch.zeros(self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long)
         self.moe_time = Histogram()  # the single "shard": every expert, in this process
         self.recoveries = 0
-        self.cache = self._new_cache()
-        self.histories = Histories()  # penalty histories of the sequences in the cache
+
+    @property
+    def cache(self) -> KVCache:
+        return self.core.cache
 
     def enter_thread(self) -> None:
         torch.set_num_threads(self.threads)  # OpenMP's thread count is a per-thread setting
-
-    def _new_cache(self) -> KVCache:
-        kv = self.kv
-        return KVCache(self.config, kv.num_blocks, kv.block_size, kv.sliding_blocks(self.config.sliding_window),
-                       self.model.dtype, self.model.device)
 
     def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -124,17 +117,16 @@ class LocalExecutor(Executor):
         for replica, step in steps.items():
             start = time.perf_counter()
             try:
-                sampled = run_replica_step(self.model, self.cache, step, self._moe, self.histories)
+                sampled = run_replica_step(self.model, self.core.cache, step, self._moe, self.core.histories)
             except Exception as exc:  # KVCacheFull, out of memory, a bug: the step is lost, as with a dead actor
                 log.warning("local step %d failed", step.step_id, exc_info=exc)
                 raise ExecutorFailure(f"the step failed: {type(exc).__name__}: {exc}") from exc
             out[replica] = StepResult(step.step_id, replica, sampled, time.perf_counter() - start, 0.0,
-                                      self.cache.usage())
+                                      self.core.usage())
         return out
 
     def recover(self) -> None:
-        self.cache = self._new_cache()
-        self.histories = Histories()
+        self.core.reset()
         self.recoveries += 1
 
     def topology(self) -> list[ActorInfo]:
@@ -144,5 +136,5 @@ class LocalExecutor(Executor):
     def stats(self) -> ExecutorStats:
         per_layer = tuple((int(n),) for n in self.expert_tokens.sum(1).tolist())  # one "shard": every expert
         router = RouterStats(tuple(self.expert_tokens.sum(0).tolist()), per_layer, 0.0)
-        return ExecutorStats((ReplicaStats(self.cache.usage()),), router, (ShardStats(None, self.moe_time.snapshot()),),
+        return ExecutorStats((ReplicaStats(self.core.usage()),), router, (ShardStats(None, self.moe_time.snapshot()),),
                              self.recoveries)

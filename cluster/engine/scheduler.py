@@ -15,20 +15,25 @@ part of its prompt, unless that replica runs more than `load_slack` (a quarter o
 at least 1) sequences more than the least loaded replica that also has room; ties go to the replica
 with the most free KV.
 
-The engine thread owns the scheduler: every call happens under the engine's lock.
+The scheduler owns every sequence from `add` to its end: the queues, the KV books, the output tokens
+and the stop checks. The engine calls its verbs (add, abort, schedule, update_from_output, recover,
+drain), runs the steps and turns what the verbs return into events; it never touches the queues.
+Every call happens under the engine's lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from cluster.engine.block_pool import chain_hashes, extend_hashes
 from cluster.config import EngineConfig, KVSpec
-from cluster.engine.events import RequestHandle, RequestTimes
+from cluster.engine.events import EngineOverloaded, RequestHandle, RequestTimes
 from cluster.engine.kv_manager import ReplicaKV
-from cluster.dataplane.messages import ChunkPlan, ReplicaStep
+from cluster.dataplane.messages import ChunkPlan, ReplicaStep, Sampled, StepResult
 from model_shards.grammar import Constraint
 from model_shards.sampling import SamplingParams
 
@@ -87,6 +92,14 @@ class Seq:
         return leader is not None and not leader.finished and (leader.replica is None
                                                                 or leader.cached < len(leader.prompt))
 
+    def stop_reason(self) -> str | None:
+        """Why the sequence ends now that its last token joined `out`: a stop token, or max_tokens."""
+        if self.out[-1] in self.params.stop_token_ids:
+            return "stop"
+        if len(self.out) >= self.params.max_tokens:
+            return "length"
+        return None
+
 
 @dataclass
 class Schedule:
@@ -94,9 +107,30 @@ class Schedule:
     chunks: dict[int, list[tuple[Seq, int]]]  # replica -> (sequence, tokens it runs), in chunk order
 
 
+@dataclass
+class Finished:
+    """A sequence the scheduler took out for good: the engine sends its final event."""
+
+    seq: Seq
+    reason: str  # stop | length | abort | error
+    error: str | None = None
+    replica: int | None = None  # the replica that ran it last, when its final event names one
+
+
+@dataclass
+class Generated:
+    """A token a step produced for a sequence (in step order), and the end it caused, if any."""
+
+    seq: Seq
+    sampled: Sampled
+    finished: Finished | None = None
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVSpec, num_replicas: int, window: int) -> None:
+    def __init__(self, config: EngineConfig, kv: KVSpec, num_replicas: int, window: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock  # stamps the requests' times (scheduled, tokens, finished)
         self.kv = kv
         self.slots = min(config.max_num_seqs, kv.max_seqs)
         self.load_slack = max(1, self.slots // 4)
@@ -109,9 +143,85 @@ class Scheduler:
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache (counters, since start)
         self.prefix_hits = 0  # of which its KV was reused
 
-    # -- sequences -------------------------------------------------------------------------------
-    def end(self, seq: Seq) -> None:
-        """Take a sequence out (finished, aborted, failed): its blocks go back to its replica's pool."""
+    # -- what the engine reads -------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def queued(self) -> tuple[Seq, ...]:
+        """The waiting sequences, in the order admission tries them."""
+        return tuple(self.waiting)
+
+    @property
+    def admitted(self) -> tuple[Seq, ...]:
+        """The running sequences, in admission order."""
+        return tuple(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a step would do anything: run a sequence, or tell a replica to release blocks."""
+        return bool(self.waiting or self.running or any(self._release.values()))
+
+    # -- sequences in and out --------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        """Queue a new sequence and admit what fits. What the next step would run is not waiting: only
+        the rest counts, and a sequence left waiting behind more than `max_waiting` others is forgotten
+        and refused with EngineOverloaded."""
+        self.waiting.append(seq)
+        self._admit()
+        if seq in self.waiting and len(self.waiting) > self.config.max_waiting:
+            self.waiting.remove(seq)
+            raise EngineOverloaded(f"{len(self.waiting)} requests are waiting; try again later")
+
+    def abort(self, seqs: Iterable[Seq]) -> list[Finished]:
+        """End these sequences (their clients gave up); the ones already finished are left alone. Their
+        blocks go back to the pools now, and their replicas forget them at the next step."""
+        return [self._end(seq, "abort") for seq in seqs if not seq.finished]
+
+    def recover(self, reason: str) -> list[Finished]:
+        """Every replica's KV is gone (the executor recovered from `reason`): forget all blocks and queue
+        every running sequence again, ahead of the waiting ones and in its order, to be prefilled from
+        its prompt plus the tokens it already produced; seeded, counter-based sampling makes the
+        continuation exactly what it would have been. A sequence that has now lived through more than
+        `max_attempts` failures ends with an error instead; returns those."""
+        for kv in self.replicas:
+            kv.reset()
+        self._release = {r: [] for r in self._release}
+        resumed, gave_up = [], []
+        for seq in self.running:
+            seq.replica, seq.cached, seq.hit = None, 0, 0
+            seq.attempts += 1
+            if seq.attempts > self.config.max_attempts:
+                gave_up.append(self._finish(seq, "error", f"gave up after {seq.attempts} failures; last: {reason}"))
+            else:
+                resumed.append(seq)
+        self.running = []
+        self.waiting = resumed + self.waiting  # resumed first, in their order
+        return gave_up
+
+    def drain(self, reason: str, error: str) -> list[Finished]:
+        """End every sequence, waiting ones first (shutdown, or an executor that cannot recover). The KV
+        books are left as they are: the executor behind them is shutting down or broken."""
+        seqs, self.waiting, self.running = self.waiting + self.running, [], []
+        return [self._finish(seq, reason, error) for seq in seqs if not seq.finished]
+
+    def _end(self, seq: Seq, reason: str) -> Finished:
+        """Finish a sequence and give back its replica resources; its final event names the replica."""
+        replica = seq.replica
+        self._remove(seq)
+        return self._finish(seq, reason, replica=replica)
+
+    def _remove(self, seq: Seq) -> None:
+        """Take a sequence out (finished, aborted): its blocks go back to its replica's pool."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -121,8 +231,9 @@ class Scheduler:
             self._release[seq.replica].append(seq.seq_id)
             seq.replica = None
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or any(self._release.values()))
+    def _finish(self, seq: Seq, reason: str, error: str | None = None, replica: int | None = None) -> Finished:
+        seq.times.finished = self.clock()
+        return Finished(seq, reason, error, replica)
 
     # -- admission -------------------------------------------------------------------------------
     def _count(self, replica: int) -> int:
@@ -148,7 +259,7 @@ class Scheduler:
             return least
         return best
 
-    def admit(self) -> None:
+    def _admit(self) -> None:
         i = 0
         while i < len(self.waiting):
             seq = self.waiting[i]
@@ -168,7 +279,8 @@ class Scheduler:
 
     # -- steps -----------------------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        self.admit()
+        """Admit what fits, then plan the next step (the module's docstring says in which order)."""
+        self._admit()
         budget = max(self.config.max_num_batched_tokens, len(self.running))
         plans: dict[int, list[ChunkPlan]] = {}
         chunks: dict[int, list[tuple[Seq, int]]] = {}
@@ -202,15 +314,42 @@ class Scheduler:
             if plans.get(r) or self._release[r]:
                 steps[r] = ReplicaStep(step_id, self._release[r], plans.get(r, []))
                 self._release[r] = []
+        self._stamp_scheduled(chunks)
         return Schedule(steps, chunks)
 
-    def computed(self, seq: Seq, n: int) -> None:
+    def _stamp_scheduled(self, chunks: dict[int, list[tuple[Seq, int]]]) -> None:
+        now = self.clock()
+        for pairs in chunks.values():
+            for seq, _ in pairs:
+                seq.times.scheduled = seq.times.scheduled or now
+
+    def update_from_output(self, schedule: Schedule, results: dict[int, StepResult]) -> list[Generated]:
+        """Book a step that ran: its chunks' tokens are in their replicas' caches now, each sampled token
+        joins its sequence's output, and a sequence that produced a stop token or reached max_tokens
+        ends (its blocks go back). Returns the sampled tokens in step order."""
+        now = self.clock()
+        generated = []
+        for r, pairs in schedule.chunks.items():
+            sampled = {s.seq_id: s for s in results[r].sampled}
+            for seq, n in pairs:
+                self._computed(seq, n)
+                got = sampled.get(seq.seq_id)
+                if got is None or seq.finished:
+                    continue
+                self._appended(seq, got.token)
+                seq.times.first_token = seq.times.first_token or now
+                seq.times.token_times.append(now)
+                reason = seq.stop_reason()
+                generated.append(Generated(seq, got, None if reason is None else self._end(seq, reason)))
+        return generated
+
+    def _computed(self, seq: Seq, n: int) -> None:
         """A step ran `n` more of the sequence's tokens: they are in its replica's cache now."""
         seq.cached += n
         if seq.replica is not None and seq.hashes is not None:
             self.replicas[seq.replica].computed(seq.seq_id, seq.cached, seq.hashes)
 
-    def appended(self, seq: Seq, token: int) -> None:
+    def _appended(self, seq: Seq, token: int) -> None:
         """A generated token: once it completes a block, that block gets its hash."""
         seq.out.append(token)
         if seq.constraint is not None:
@@ -220,17 +359,6 @@ class Scheduler:
         done, bs = len(seq.hashes) * self.kv.block_size, self.kv.block_size
         if seq.known - done >= bs:
             extend_hashes(seq.hashes, seq.tokens(done, seq.known - done), bs)
-
-    def reset(self) -> list[Seq]:
-        """Every replica's KV is gone (recovery): forget all blocks; returns the running sequences,
-        which must be admitted (and prefilled) again."""
-        for kv in self.replicas:
-            kv.reset()
-        running, self.running = self.running, []
-        for seq in running:
-            seq.replica, seq.cached, seq.hit = None, 0, 0
-        self._release = {r: [] for r in self._release}
-        return running
 
     # -- telemetry -------------------------------------------------------------------------------
     def kv_usage(self) -> float:

@@ -13,7 +13,6 @@ from cluster.dataplane.messages import ActorInfo
 from cluster.options import OptionValue
 from deploy.config import LaunchOptions
 from deploy.cli.flags import read_options
-from model_shards.capabilities import AUTO
 from model_shards.chat import parse_completion, render_chat
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import CHAT_STOP_TOKENS, TEXT_STOP_TOKENS, decode, encode
@@ -37,9 +36,8 @@ def engine_args(args: argparse.Namespace, **overrides: OptionValue) -> EngineArg
 
 def announce_dtype(command: str, eargs: EngineArgs) -> None:
     """At start, one line on stderr: the dtype `--dtype auto` chose, and why."""
-    if eargs.model.dtype == AUTO:
-        choice = eargs.dtype_choice()
-        print(f"gptoss {command}: dtype {choice.dtype} (auto: {choice.reason})", file=sys.stderr, flush=True)
+    if note := eargs.dtype_note():
+        print(f"gptoss {command}: {note}", file=sys.stderr, flush=True)
 
 
 def ray_address(args: argparse.Namespace) -> str | None:
@@ -135,7 +133,7 @@ def bench(args: argparse.Namespace) -> str:
             if name == "cluster":
                 from cluster.bench.hop import measure_hops  # imports ray: only when asked for
 
-                hops = measure_hops(sorted(set(args.batch_sizes)), config.hidden_size, base.cluster.dataplane.transport)
+                hops = measure_hops(sorted(set(args.batch_sizes)), config.hidden_size, base.cluster.transport)
         finally:
             executor.shutdown()
     assert config is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import dataclasses
 import logging
 import math
 import os
@@ -21,12 +20,9 @@ import sys
 import time
 
 from cluster.engine.executor import error_line
-from deploy.app import build_app, parse_args
-from deploy.cli.commands import announce_dtype
-from deploy.config import APP_GROUPS, AppConfig, LaunchOptions
+from deploy.app import application
+from deploy.config import APP_GROUPS, AppConfig, LaunchOptions, prepare
 from deploy.cli.flags import read_options
-from model_shards.random_checkpoint import default_random_model
-from model_shards.tokenizer import harmony, tokenizer
 
 log = logging.getLogger(__name__)
 APP_NAME = "gptoss"
@@ -62,9 +58,8 @@ def check_port_free(host: str, port: int) -> None:
 
 def direct_ingress_env(port: int) -> dict[str, str]:
     """Ray Serve's settings (read by Ray's processes when they start) for the ingress replica to answer
-    HTTP on `port` itself. Through the proxy every streamed chunk costs one more process hop: measured
-    on the 2-core VM, the same server's 32 concurrent streams gave 420 tok/s on the replica's port
-    against 353 through the proxy. Serve takes replica ports from [MIN, MAX); there is one ingress
+    HTTP on `port` itself. Through the proxy every streamed chunk costs one more process hop, which
+    costs concurrent streams throughput (docs/performance.md). Serve takes replica ports from [MIN, MAX); there is one ingress
     replica, so a replica that Serve restarts must get the same port back at once (no quarantine).
     Our own drain (drain()) runs before Serve shuts down: Serve's extra draining period for load
     balancers is not needed here."""
@@ -84,7 +79,6 @@ def free_port(host: str) -> int:
 
 
 _SESSION_CHILD = "GPTOSS_SERVE_SESSION_CHILD"  # set for the child run_in_own_session starts
-API_KEY_ENV = "GPTOSS_API_KEY"  # the API key without a command line that `ps` shows (like VLLM_API_KEY)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -174,21 +168,8 @@ def serve_here(config: AppConfig, launch: LaunchOptions) -> int:
     import ray
     from ray import serve
 
-    if config.model.vocab_dir:
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, vocab_dir=os.path.abspath(config.model.vocab_dir)))
-    tokenizer(), harmony()  # so does a missing vocabulary (no network and no --vocab-dir)
-    if config.server.api_key is None and not config.server.api_key_env and os.environ.get(API_KEY_ENV):
-        config = dataclasses.replace(config, server=dataclasses.replace(config.server,
-                                                                        api_key=os.environ[API_KEY_ENV]))
-    if config.model.model is None:
-        config = config.with_random_model(str(default_random_model()))
-        print(f"gptoss serve: no --model given: serving RANDOM weights (gpt-oss layout, tiny preset) from "
-              f"{config.model.model} as '{config.model_name()}'", file=sys.stderr, flush=True)
-    announce_dtype("serve", config.engine_args())
-    config = dataclasses.replace(config, model=config.engine_args().resolved().model)  # the Serve app gets it resolved
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.options().items()}
-    parse_args(values)  # the application validates the same values again inside Serve
+    # A missing vocabulary (no network and no --vocab-dir) fails here, before Ray starts.
+    config = prepare(config, lambda note: print(f"gptoss serve: {note}", file=sys.stderr, flush=True))
     cluster = config.cluster
     actors = 1 + (cluster.attention_replicas + cluster.expert_shards + 1 if config.engine.engine == "cluster" else 0)
     started_ray = not launch.ray_address
@@ -213,7 +194,7 @@ def serve_here(config: AppConfig, launch: LaunchOptions) -> int:
             return _stopped(signals)
         proxy_port = free_port(launch.host) if direct else launch.port
         serve.start(http_options={"host": launch.host, "port": proxy_port})
-        serve._run(build_app(values), name=APP_NAME, route_prefix="/", _blocking=False)
+        serve._run(application(config), name=APP_NAME, route_prefix="/", _blocking=False)
         if not wait_until_running(signals):
             return _stopped(signals)
         running = True

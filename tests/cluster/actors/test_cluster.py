@@ -74,7 +74,7 @@ def test_penalties_filters_and_grammars_on_the_cluster(cluster: Engine, tiny_hf:
 
 
 def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -> None:
-    topology = cluster.engine.executor.topology()
+    topology = cluster.executor.topology()
     roles = [a.role for a in topology]
     assert roles.count("attention_replica") == 2 and roles.count("router") == 1 and roles.count("expert_shard") == 3
     pids = [a.pid for a in topology]
@@ -88,22 +88,22 @@ def test_topology_one_process_per_actor_and_every_expert_once(cluster: Engine) -
 def test_actor_processes_are_named_by_role(cluster: Engine) -> None:
     titles = {"attention_replica": "ray::AttentionReplicaActor", "router": "ray::RouterActor",
               "expert_shard": "ray::ExpertShardActor"}
-    for actor in cluster.engine.executor.topology():
+    for actor in cluster.executor.topology():
         cmdline = Path(f"/proc/{actor.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         assert cmdline.startswith(titles[actor.role]), cmdline  # what ps and Ray's tools show
 
 
 def test_running_cluster_leaves_no_names_in_dev_shm(cluster: Engine) -> None:
     """Every ring is connected and unnamed, so killing any process (SIGKILL included) cannot leak one."""
-    uid = cluster.engine.executor._uid
+    uid = cluster.executor._uid
     assert cluster.generate([prompts()[0]], SamplingParams(max_tokens=2, temperature=0.0), timeout=60)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"gptoss-{uid}-")]
 
 
 def test_router_counts_every_routed_token(cluster: Engine) -> None:
-    before = sum(cluster.engine.executor.stats().router.expert_tokens)
+    before = sum(cluster.executor.stats().router.expert_tokens)
     out = cluster.generate([prompts()[1]], SamplingParams(max_tokens=3, temperature=0.0))[0]
-    after = sum(cluster.engine.executor.stats().router.expert_tokens)
+    after = sum(cluster.executor.stats().router.expert_tokens)
     tokens_run = len(prompts()[1]) - out.cached_tokens + len(out.token_ids) - 1  # cached tokens are not run
     cfg = cluster.model_config
     assert after - before == tokens_run * cfg.num_hidden_layers * cfg.experts_per_token
@@ -123,7 +123,7 @@ def test_continuous_batching_and_abort_on_the_cluster(cluster: Engine) -> None:
     assert cluster.steps - steps_before < 40 + 40 - 10
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the replicas themselves report their KV free again
-        usage = [r.kv_usage for r in cluster.engine.executor.stats().replicas]
+        usage = [r.kv_usage for r in cluster.executor.stats().replicas]
         if max(usage) == 0:
             break
         time.sleep(0.1)
@@ -146,7 +146,7 @@ def test_a_cached_prefix_draws_its_request_to_the_replica_that_holds_it(cluster:
     assert (a.replica, b.replica) == (1, 1)
     assert b.cached_tokens == 688
     with cluster._lock:
-        cluster.engine.scheduler.replicas[1].full.reset()  # forget replica 1's cache: the same prompt runs in full
+        cluster.scheduler.replicas[1].full.reset()  # forget replica 1's cache: the same prompt runs in full
     again = cluster.generate([second], GREEDY, timeout=120)[0]
     assert again.cached_tokens == 0 and again.token_ids == b.token_ids
     assert max(abs(x - y) for x, y in zip(again.logprobs, b.logprobs)) < 1e-4
@@ -157,7 +157,7 @@ def test_tcp_transport_uneven_split_and_packed_mxfp4(ray_session, tiny_hf: Path,
 
     config = ClusterConfig(attention_replicas=1, expert_shards=2, expert_split=(3,), transport="tcp",
                            micro_batches=1, step_timeout_s=30)
-    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32"), config, KV, keep_mxfp4=True))
+    engine = Engine(ClusterExecutor(ModelSource(str(tiny_hf), "float32", keep_mxfp4=True), config, KV))
     try:
         assert [a.experts for a in engine.executor.topology() if a.role == "expert_shard"] == [[0, 3], [3, 16]]
         assert_same(reference, engine.generate(prompts(), GREEDY, timeout=120))

@@ -75,7 +75,7 @@ def test_killed_actor_is_restarted_and_requests_complete_identically(
     assert [o.token_ids for o in outs] == [u.token_ids for u in undisturbed]
     assert len(cluster.failures) > failures
     assert "down" in cluster.failures[failures][1]
-    assert any(a.role == role for a in cluster.engine.executor.topology())
+    assert any(a.role == role for a in cluster.executor.topology())
 
 
 def test_hung_shard_is_noticed_within_the_timeout(cluster: Engine, undisturbed: list[Completion]) -> None:

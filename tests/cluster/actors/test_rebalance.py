@@ -82,7 +82,7 @@ def test_the_interval_rebalances_by_routed_load_and_evens_the_shards(cluster: En
                                                                      undisturbed: list[Completion]) -> None:
     """At start the hot experts 0-3 all live on shard 0: the interval rebalances by the router's real
     counts, and then the shards' routed loads are even (the replicated hot experts split theirs)."""
-    ex = cluster.engine.executor
+    ex = cluster.executor
     switches = ex.balancer.switches
     ex.balancer.interval = 3
     try:
@@ -101,7 +101,7 @@ def test_the_interval_rebalances_by_routed_load_and_evens_the_shards(cluster: En
 
 
 def test_rebalancing_twice_while_8_requests_generate(cluster: Engine, undisturbed: list[Completion]) -> None:
-    ex, cfg = cluster.engine.executor, cluster.engine.executor.config
+    ex, cfg = cluster.executor, cluster.executor.config
     start, before = ex.balancer.placement, ex.stats()
     slice_bytes = before.shards[0].bytes_read // before.shards[0].slices_read  # every slice has one size
     handles = [cluster.submit(p, sp) for p, sp in zip(prompts(), PARAMS)]
@@ -133,7 +133,7 @@ def test_rebalancing_twice_while_8_requests_generate(cluster: Engine, undisturbe
 @pytest.mark.parametrize("when", ["after", "during"])
 def test_a_shard_killed_around_a_rebalance_comes_back_with_the_current_placement(
         cluster: Engine, undisturbed: list[Completion], when: str) -> None:
-    ex = cluster.engine.executor
+    ex = cluster.executor
     failures, switches = len(cluster.failures), ex.balancer.switches
     handles = [cluster.submit(p, sp) for p, sp in zip(prompts(), PARAMS)]
     token = handles[0].events.get(timeout=120).token
@@ -151,7 +151,7 @@ def test_a_shard_killed_around_a_rebalance_comes_back_with_the_current_placement
 
 def test_a_rebalance_that_gains_little_moves_nothing(cluster: Engine) -> None:
     """An evenly routed load, or the load the placement was made for, reads no slice."""
-    ex, cfg = cluster.engine.executor, cluster.engine.executor.config
+    ex, cfg = cluster.executor, cluster.executor.config
     ex.balancer.request(load := one_shard_hot(cluster))
     cluster.generate(prompts()[:2], PARAMS[:2])
     switches, reads = ex.balancer.switches, [s.slices_read for s in ex.stats().shards]

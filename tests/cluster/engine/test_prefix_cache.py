@@ -68,7 +68,7 @@ def test_blocks_shared_by_running_requests_survive_the_abort_of_one(local: Local
     assert doomed.events.get(timeout=60).token is not None and first is not None
     with eng._lock:  # both hold the prefix's 20 blocks once
         kv = eng.scheduler.replicas[0]
-        a, b = (kv.seqs[s.seq_id].full for s in eng.scheduler.running)
+        a, b = (kv.seqs[s.seq_id].full for s in eng.scheduler.admitted)
         assert a[:20] == b[:20]
         assert eng.scheduler.kv_usage() == len(set(a) | set(b)) / KV.num_blocks
     eng.abort(doomed.request_id)

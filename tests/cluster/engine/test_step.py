@@ -57,7 +57,7 @@ def _step(local: LocalExecutor, lengths: list[int], groups: int) -> ReplicaStep:
 
 def test_micro_batches_send_in_layer_group_order_and_give_the_unsplit_result(local: LocalExecutor) -> None:
     lengths = [3, 17, 40, 130, 9, 5]
-    whole = run_replica_step(local.model, local._new_cache(), _step(local, lengths, 1), histories=Histories())
+    whole = run_replica_step(local.model, local.core.new_cache(), _step(local, lengths, 1), histories=Histories())
     sent: list[tuple[int, int]] = []
     inputs: dict[int, torch.Tensor] = {}
 
@@ -69,7 +69,7 @@ def test_micro_batches_send_in_layer_group_order_and_give_the_unsplit_result(loc
         assert sent[-1][0] >= layer  # every group sent this layer's input before any waits for the next
         return local.model.local_moe(layer, inputs.pop(m))
 
-    split = run_micro_batched(local.model, local._new_cache(), _step(local, lengths, 3), send, recv, Histories())
+    split = run_micro_batched(local.model, local.core.new_cache(), _step(local, lengths, 3), send, recv, Histories())
     layers = local.config.num_hidden_layers
     assert sent == [(layer, m) for layer in range(layers) for m in range(3)]
     assert [s.token for s in split] == [s.token for s in whole]

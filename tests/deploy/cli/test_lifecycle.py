@@ -19,6 +19,8 @@ import pytest
 
 from tests.deploy.conftest import free_port
 
+pytestmark = pytest.mark.server  # real `gptoss serve` processes
+
 BODY = {"model": "tiny", "prompt": [11, 22, 33], "max_tokens": 80, "ignore_eos": True, "temperature": 0}
 
 

@@ -59,8 +59,8 @@ def test_request_ids_and_header_limits(client: TestClient) -> None:
 
 
 def test_model_id_is_never_a_path(tiny_hf: Path) -> None:
-    assert AppConfig(model=ModelConfig(model=str(tiny_hf))).model_name() == tiny_hf.name
-    assert AppConfig(model=ModelConfig(model="openai/gpt-oss-20b")).model_name() == "openai/gpt-oss-20b"
+    assert AppConfig(EngineArgs(ModelConfig(model=str(tiny_hf)))).model_name() == tiny_hf.name
+    assert AppConfig(EngineArgs(ModelConfig(model="openai/gpt-oss-20b"))).model_name() == "openai/gpt-oss-20b"
 
 
 def test_docs_are_off_unless_asked(local_engine: Engine) -> None:
