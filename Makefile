@@ -27,9 +27,10 @@ test: install
 		echo "this CPU has no oneDNN bf16 path: the tests above ran the fallback (docs/cpu.md)"; \
 	fi
 
-# The fast tier: tests that start neither Ray nor a server (conftest.py marks the others).
+# The fast tier: tests that start neither Ray nor a server and take under a few seconds each
+# (conftest.py and the `slow` marks say which are not).
 test-unit: install
-	$(PY) -m pytest -q -m "not ray and not server"
+	$(PY) -m pytest -q -m "not ray and not server and not slow"
 
 # Offline: make serve VOCAB_DIR=path/to/dir-with-o200k_base.tiktoken; more flags: SERVE_ARGS="--port 9000"
 serve: install

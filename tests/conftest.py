@@ -31,7 +31,7 @@ SERVER_FIXTURES = {"server", "sdk", "small_server", "metrics_server", "prometheu
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Test tiers: a test that uses the session's Ray is marked `ray`, one that uses a server process
     `server` (modules that start either otherwise say so with `pytestmark`); `make test-unit` runs the
-    rest. GPU tests are skipped without CUDA."""
+    rest but the ones marked `slow`. GPU tests are skipped without CUDA."""
     import torch
 
     for item in items:

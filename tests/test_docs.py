@@ -178,6 +178,7 @@ def _gptoss_exe() -> str:
     return shutil.which("gptoss") or str(Path(sys.executable).parent / "gptoss")
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs(vocab: Path, tmp_path: Path) -> None:
     """The README's first make-tiny line, then its float32 generate lines on that checkpoint, as
     written but for the checkpoint's directory (a fresh one here) and --vocab-dir (offline)."""

@@ -73,6 +73,7 @@ def test_there_is_something_to_validate() -> None:
 
 @pytest.mark.parametrize("path, doc", [d for d in DOCS if d[1]["kind"] in CRD_FILES],
                          ids=lambda x: x.name if isinstance(x, Path) else "")
+@pytest.mark.slow
 def test_kuberay_resources_match_the_crd(kuberay_dir: Path, path: Path, doc: dict[str, Any]) -> None:
     defaulted = validate_crd(kuberay_dir, doc)
     groups = defaulted["spec"]["rayClusterConfig"]["workerGroupSpecs"]

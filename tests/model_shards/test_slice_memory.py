@@ -73,6 +73,7 @@ def _probe(root: Path, a: int, b: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_loading_a_quarter_of_the_experts_reads_a_quarter(big_checkpoint: tuple[Path, int]) -> None:
     root, experts = big_checkpoint
     quarter = _probe(root, 8, 8 + experts // 4)

@@ -26,6 +26,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_console_script_generate_json_contract(tiny_hf: Path, vocab: Path) -> None:
     run = gptoss("generate", "--model", str(tiny_hf), "--prompt-ids", PROMPT, "--max-tokens", "6",
                  "--temperature", "0", "--json")
@@ -82,6 +83,7 @@ def test_bad_requests_give_a_json_error(tiny_hf: Path, vocab: Path, capsys: pyte
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     run = gptoss("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1", "--json")
     assert run.returncode == 2

@@ -69,6 +69,7 @@ def test_bad_values_are_named_once_for_both(argv: list[str], message: str) -> No
         AppConfig.from_options(read_options(build_parser().parse_args(["serve", *argv]), APP_GROUPS))
 
 
+@pytest.mark.slow
 def test_serve_help_shows_every_flag() -> None:
     exe = shutil.which("gptoss") or str(Path(sys.executable).parent / "gptoss")
     run = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)

@@ -13,6 +13,7 @@ schemathesis = pytest.importorskip("schemathesis")
 EXAMPLES = 25
 
 
+@pytest.mark.slow
 def test_no_server_errors_for_any_generated_request(local_engine: Engine) -> None:
     app = client_for(local_engine, default_max_tokens=8).app
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
