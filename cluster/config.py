@@ -16,11 +16,10 @@ import torch
 from cluster.balancing.eplb import ExpertPlacement, slot_counts
 from cluster.dataplane.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE
 from cluster.options import check_options, option
-from model_shards.capabilities import AUTO
+from model_shards.capabilities import AUTO, parse_dtype
 from model_shards.checkpoint import Checkpoint
 from model_shards.config import GptOssConfig
 from model_shards.hub import resolve_model
-from model_shards.loader import parse_dtype
 
 Resources = dict[str, float]
 

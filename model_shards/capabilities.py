@@ -102,6 +102,16 @@ def cpu_features() -> CpuFeatures:
         onednn=torch.backends.mkldnn.is_available(), onednn_bf16=_onednn_bf16(), forced_fallback=fallback_forced())
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what a resolved --dtype may name
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
     dtype: str  # float32 | bfloat16

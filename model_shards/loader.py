@@ -15,16 +15,6 @@ from model_shards.weights import load_model, move_to, prepare
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
-
-
 def load_local_model(model: str, dtype: torch.dtype = torch.bfloat16, keep_mxfp4: bool = False,
                      device: str = "cpu", layout: str | None = None) -> GptOssModel:
     start = time.perf_counter()
