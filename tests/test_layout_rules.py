@@ -125,19 +125,8 @@ RAY_IN_CLUSTER = ("cluster/actors/", "cluster/bench/hop.py")
 def test_ray_is_imported_only_where_actors_are_made() -> None:
     for path in (REPO / "cluster").rglob("*.py"):
         rel = path.relative_to(REPO).as_posix()
-        if "ray" in _imports_anywhere(path):
+        if "ray" in _imports(path):  # at module level or inside functions
             assert rel.startswith(RAY_IN_CLUSTER), f"{rel} imports ray"
-
-
-def _imports_anywhere(path: Path) -> set[str]:
-    """Top-level package names `path` imports, at module level or inside functions."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
 
 
 def test_the_engine_and_the_cli_import_without_ray() -> None:
