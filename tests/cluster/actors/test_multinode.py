@@ -37,7 +37,7 @@ from model_shards.sampling import SamplingParams
 
 pytestmark = pytest.mark.ray  # a second Ray node in a child process
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KV = KVSpec(num_blocks=256, block_size=16, max_seqs=16)
 LENGTHS = (3, 17, 40, 130, 9)  # 130 is longer than the tiny model's sliding window
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
