@@ -20,7 +20,7 @@ from typing import Any
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyError, Message, ReasoningEffort, Role,
                             StreamableParser, SystemContent, ToolDescription)
 
-from model_shards.tokenizer import CHAT_STOP_TOKENS, decode, harmony, tokenizer
+from model_shards.tokenizer import CHAT_STOP_TOKENS, decode_text, harmony, special_ids, tokenizer
 
 REASONING_EFFORTS = ("low", "medium", "high")
 
@@ -165,7 +165,9 @@ class Delta:
 
 class CompletionParser:
     """Incremental parser of generated ids. Tolerant: output that breaks the harmony grammar (a
-    random model, a truncated answer) ends up as plain content instead of raising."""
+    random model) ends up as plain content instead of raising. Harmony's markup (special tokens) is
+    never shown as text: an answer cut inside a header (by max_tokens, a stop, an abort) shows nothing
+    of that header."""
 
     def __init__(self) -> None:
         self._parser = StreamableParser(harmony(), role=Role.ASSISTANT)
@@ -185,12 +187,19 @@ class CompletionParser:
                 if stop:
                     return []
                 self._broken.append(token_id)
-                return [Delta("content", self._decoder.decode(tokenizer().decode_single_token_bytes(token_id)))]
+                return self._broken_delta(token_id)
             return self._delta()
         if stop:
             return []
         self._broken.append(token_id)
-        return [Delta("content", self._decoder.decode(tokenizer().decode_single_token_bytes(token_id)))]
+        return self._broken_delta(token_id)
+
+    def _broken_delta(self, token_id: int) -> list[Delta]:
+        """After the grammar broke, tokens are plain content; special tokens are markup, not text."""
+        if token_id in special_ids():
+            return []
+        text = self._decoder.decode(tokenizer().decode_single_token_bytes(token_id))
+        return [Delta("content", text)] if text else []
 
     def _delta(self) -> list[Delta]:
         text = self._parser.last_content_delta
@@ -209,9 +218,15 @@ class CompletionParser:
 
     def finish(self) -> list[Delta]:
         """Deltas only known at the end: output that never was harmony at all."""
-        if not self._broken and not self._parser.messages and not self._parser.current_content and self._all:
-            return [Delta("content", decode(self._all))]
+        if self._plain():
+            return [Delta("content", decode_text(self._all))]
         return []
+
+    def _plain(self) -> bool:
+        """Output with no harmony message and no markup at all (a random model's text): shown as it came.
+        With markup but no message, the answer was cut inside a header: nothing of it is content."""
+        return (not self._broken and not self._parser.messages and not self._parser.current_content
+                and bool(self._all) and not special_ids().intersection(self._all))
 
     def result(self) -> ParsedCompletion:
         out = ParsedCompletion()
@@ -231,10 +246,9 @@ class CompletionParser:
             else:
                 reasoning.append(text)
         if self._broken:
-            content.append(decode(self._broken))
-        elif not messages and self._all:
-            # Never got past a header (no <|message|>): not harmony at all, show it as it came.
-            content.append(decode(self._all))
+            content.append(decode_text(self._broken))
+        elif not messages and self._plain():
+            content.append(decode_text(self._all))
         out.reasoning, out.content = "\n".join(reasoning), "".join(content)
         return out
 

@@ -107,8 +107,12 @@ def harmony_final(answer: str) -> str:
 
 
 def check(grammar: str) -> None:
-    """GrammarError with llguidance's reason when `grammar` does not compile."""
-    error = _llguidance().LLMatcher.validate_grammar(grammar, _tokenizer())
+    """GrammarError with llguidance's reason when `grammar` does not compile (whatever llguidance
+    raises on the way is a reason too: the request is what it could not handle)."""
+    try:
+        error = _llguidance().LLMatcher.validate_grammar(grammar, _tokenizer())
+    except (ValueError, TypeError, RecursionError, RuntimeError) as exc:
+        raise GrammarError(f"{type(exc).__name__}: {exc}"[:500]) from None
     if error:
         raise GrammarError(_reason(error))
 
@@ -125,7 +129,10 @@ class Constraint:
     ends the constraint's choices: from then on only stop tokens are allowed."""
 
     def __init__(self, grammar: str, tokens: Sequence[int] = ()) -> None:
-        self._matcher = _llguidance().LLMatcher(_tokenizer(), grammar)
+        try:
+            self._matcher = _llguidance().LLMatcher(_tokenizer(), grammar)
+        except (ValueError, TypeError, RecursionError, RuntimeError) as exc:
+            raise GrammarError(f"{type(exc).__name__}: {exc}"[:500]) from None
         if self._matcher.is_error():
             raise GrammarError(_reason(self._matcher.get_error()))
         self.broken = False

@@ -76,3 +76,16 @@ def encode(text: str) -> list[int]:
 
 def decode(token_ids: list[int]) -> str:
     return tokenizer().decode(token_ids)
+
+
+@functools.cache
+def special_ids() -> frozenset[int]:
+    """Every special token of o200k_harmony (<|start|>, <|channel|>, <|message|>, the reserved ones...)."""
+    enc = tokenizer()
+    return frozenset(enc.encode_single_token(name) for name in enc.special_tokens_set)
+
+
+def decode_text(token_ids: list[int]) -> str:
+    """The text of `token_ids` without special tokens: what a reader may be shown as content."""
+    specials = special_ids()
+    return decode([t for t in token_ids if t not in specials])

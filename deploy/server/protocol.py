@@ -183,12 +183,41 @@ class StructuredOutputs(Strict):
     disable_any_whitespace: bool | None = None
 
 
+# Bounds on a schema a request carries (response_format, structured_outputs, tool parameters), checked
+# before anything recursive reads it: the meta-schema check, the grammar compiler and harmony's tool
+# rendering all recurse per level. Far above what real schemas use (OpenAI's strict mode allows 10
+# levels of nesting and 5000 properties).
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of the JSON text
+MAX_SCHEMA_NODES = 20_000  # values of the JSON text
+
+
+def check_schema_size(schema: object, param: str) -> None:
+    """InvalidRequest when `schema` nests deeper than MAX_SCHEMA_DEPTH or holds more than
+    MAX_SCHEMA_NODES values (walked without recursion, so any depth is measured safely)."""
+    stack: list[tuple[object, int]] = [(schema, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise InvalidRequest(f"{param} is too large: more than {MAX_SCHEMA_NODES} values", param)
+        if isinstance(value, (dict, list)):
+            if depth > MAX_SCHEMA_DEPTH:
+                raise InvalidRequest(f"{param} nests too deeply: more than {MAX_SCHEMA_DEPTH} levels of objects "
+                                     "and arrays", param)
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+
+
 def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    """A JSON Schema that its own meta-schema accepts (InvalidRequest otherwise)."""
+    """A JSON Schema of bounded size that its own meta-schema accepts (InvalidRequest otherwise)."""
+    check_schema_size(schema, param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidRequest(f"{param} is not a valid JSON schema: {exc.message}", param) from None
+    except RecursionError:  # a $ref cycle the meta-schema check follows
+        raise InvalidRequest(f"{param} cannot be checked: its references recurse without end", param) from None
 
 
 class ChatCompletionRequest(SamplingFields):

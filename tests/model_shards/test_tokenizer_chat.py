@@ -91,3 +91,35 @@ def test_bad_messages(vocab: Path, messages: list, message: str) -> None:
 def test_bad_reasoning_effort(vocab: Path) -> None:
     with pytest.raises(ChatFormatError, match="reasoning_effort"):
         render_chat([{"role": "user", "content": "x"}], reasoning_effort="extreme")
+
+
+ANSWERS = [
+    "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>Paris.<|return|>",
+    "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+    'to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>',
+    '<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{"q":1}<|call|>',
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_no_harmony_markup_shows_however_generation_ends(vocab: Path, answer: str) -> None:
+    """Cut after every token (max_tokens, a stop string, an abort): reasoning, content and tool arguments
+    never hold harmony markup, and a cut inside the first header shows no content at all."""
+    from model_shards.chat import CompletionParser
+
+    ids = encode(answer)
+    first_message = ids.index(encode("<|message|>")[0])
+    for cut in range(1, len(ids) + 1):
+        parser = CompletionParser()
+        streamed = [d.text for t in ids[:cut] for d in parser.feed(t)] + [d.text for d in parser.finish()]
+        out = parser.result()
+        shown = [out.reasoning, out.content, *streamed, *(c.arguments for c in out.tool_calls),
+                 *(c.name for c in out.tool_calls)]
+        assert not [s for s in shown if "<|" in s], (cut, decode(ids[:cut]), shown)
+        if cut <= first_message:
+            assert out.content == "" and out.reasoning == "" and not out.tool_calls, (cut, out)
+
+
+def test_plain_text_from_a_model_that_ignores_harmony_stays_content(vocab: Path) -> None:
+    parsed = parse_completion(encode("hello world"))
+    assert parsed.content == "hello world" and parsed.reasoning == ""

@@ -108,3 +108,48 @@ def test_bad_constraints_are_400_naming_the_field(client: TestClient, body: dict
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]
         assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+def nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+WIDE = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(12_000)}}
+
+
+@pytest.mark.parametrize("schema", [nested(200), nested(450), WIDE], ids=["200-deep", "450-deep", "wide"])
+def test_oversized_schemas_are_400_naming_the_field_not_500(client: TestClient, schema: dict) -> None:
+    cases = [("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
+                 "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+              "response_format.json_schema.schema"),
+             ("/v1/completions", {"prompt": "x", "structured_outputs": {"json": schema}}, "structured_outputs.json"),
+             ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {
+                 "name": "f", "parameters": schema}}]}, "tools[0].function.parameters"),
+             ("/v1/responses", {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": schema}]},
+              "tools[0].parameters")]
+    for route, extra, param in cases:
+        reply = client.post(route, json={"model": MODEL, "max_tokens": 4, **extra} if route != "/v1/responses"
+                            else {"model": MODEL, "max_output_tokens": 4, **extra})
+        assert reply.status_code == 400, (route, reply.status_code, reply.text[:300])
+        error = reply.json()["error"]
+        assert error["param"] == param and ("deeply" in error["message"] or "too large" in error["message"]), error
+
+
+def test_a_schema_at_the_depth_limit_still_works(client: TestClient) -> None:
+    reply = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4,
+                                                 "structured_outputs": {"json": nested(20)}})
+    assert reply.status_code == 200, reply.text
+
+
+def test_a_body_nested_beyond_the_json_decoder_is_a_400(client: TestClient) -> None:
+    """Deeper than Python's JSON decoder recurses: the body itself cannot be read, which is the client's
+    error, not the server's."""
+    depth = 5000
+    body = ('{"model": "%s", "prompt": "x", "max_tokens": 4, "structured_outputs": {"json": ' % MODEL
+            + '{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}' + "}}" * depth + "}}")
+    reply = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text[:300]
+    assert reply.json()["error"]["type"] == "invalid_request_error"
