@@ -30,10 +30,8 @@ from model_shards.tokenizer import RETURN, tokenizer
 
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 # The reasoning (analysis) messages are free; the answer is the final channel's message.
-HARMONY_FINAL = r"""
-start: analysis* <|channel|> "final" <|message|> @answer
-analysis: <|channel|> "analysis" <|message|> /(.|\n)*/ <|end|> <|start|> "assistant"
-"""
+HARMONY_ANALYSIS = r'analysis: <|channel|> "analysis" <|message|> /(.|\n)*/ <|end|> <|start|> "assistant"'
+HARMONY_FINAL = "\nstart: analysis* <|channel|> \"final\" <|message|> @answer\n" + HARMONY_ANALYSIS + "\n"
 
 
 class GrammarError(ValueError):
@@ -104,6 +102,28 @@ def harmony_final(answer: str) -> str:
     inner = _only(answer)
     inner["name"] = "answer"
     return json.dumps({"grammars": [{"lark_grammar": HARMONY_FINAL}, inner]})
+
+
+def harmony_tool_call(calls: Sequence[tuple[str, str | None]]) -> str:
+    """A chat answer that is one call of one of `calls` ((function name, grammar of its arguments or
+    None for any JSON object)): free reasoning first, then a commentary message to functions.NAME with
+    `<|constrain|>json` whose text follows that function's arguments grammar. The recipient may stand
+    in the role (`<|start|>assistant to=functions.NAME<|channel|>commentary`, as harmony renders
+    history) or after the channel (`<|channel|>commentary to=functions.NAME`, as the models write it)."""
+    if not calls:
+        raise GrammarError("a forced tool call needs at least one function")
+    rules, grammars = [], [{"lark_grammar": ""}]
+    for i, (name, arguments) in enumerate(calls):
+        recipient = json.dumps(f" to=functions.{name}")
+        channel = json.dumps(f"commentary to=functions.{name}")
+        rules.append(f"call_{i}: ({recipient} <|channel|> \"commentary\" | <|channel|> {channel}) \" \"? "
+                     f"<|constrain|> \"json\" <|message|> @args_{i}")
+        inner = _only(arguments if arguments is not None else json_object())
+        inner["name"] = f"args_{i}"
+        grammars.append(inner)
+    start = "start: analysis* (" + " | ".join(f"call_{i}" for i in range(len(calls))) + ")"
+    grammars[0]["lark_grammar"] = "\n".join([start, HARMONY_ANALYSIS, *rules])
+    return json.dumps({"grammars": grammars})
 
 
 def check(grammar: str) -> None:

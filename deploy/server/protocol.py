@@ -309,6 +309,13 @@ class ResponsesTool(Strict):
             name=self.name, description=self.description, parameters=self.parameters)).model_dump(exclude_none=True)
 
 
+class ResponsesToolChoice(Strict):
+    """tool_choice naming one function, as the Responses API writes it (flat: no `function` wrapper)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class ResponsesRequest(SamplingControls):
     model: str = Field(min_length=1, max_length=256)
     input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_MESSAGES)]  # response_input.py
@@ -318,7 +325,7 @@ class ResponsesRequest(SamplingControls):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     reasoning: Reasoning | None = None
     tools: list[ResponsesTool] | None = Field(default=None, max_length=MAX_TOOLS)
-    tool_choice: Literal["none", "auto"] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextSettings | None = None
     structured_outputs: StructuredOutputs | None = Field(default=None, description="extension (vLLM)")
@@ -328,11 +335,15 @@ class ResponsesRequest(SamplingControls):
     user: str | None = Field(default=None, max_length=256)
 
     def check(self) -> None:
-        if self.tool_choice == "auto" and not self.tools:
+        if self.tool_choice not in (None, "none") and not self.tools:
             raise InvalidRequest("tool_choice needs tools: none were given", "tool_choice")
         for i, tool in enumerate(self.tools or []):
             if tool.parameters is not None:
                 check_json_schema(tool.parameters, f"tools[{i}].parameters")
+
+    def forced_choice(self) -> str | None:
+        """The function name a named tool_choice forces, or the choice as given ("required", "auto"...)."""
+        return self.tool_choice.name if isinstance(self.tool_choice, ResponsesToolChoice) else self.tool_choice
 
     def chat_tools(self) -> list[dict[str, Any]] | None:
         """The tools as the harmony renderer takes them; None when there are none or tool_choice is none."""
@@ -571,7 +582,7 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None = None
     output: list[OutputItem]
     parallel_tool_calls: bool = False
-    tool_choice: str = "auto"
+    tool_choice: str | ResponsesToolChoice = "auto"
     tools: list[ResponsesTool] = Field(default_factory=list)
     reasoning: ReasoningSettings
     temperature: float

@@ -7,6 +7,7 @@ applies to the final channel."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from deploy.server.protocol import ResponseFormat, StructuredOutputs, check_json_schema
 from model_shards import grammar
@@ -54,6 +55,24 @@ def _from_structured(so: StructuredOutputs) -> tuple[str, str]:
     if name == "grammar":
         return grammar.lark(str(value)), param
     return grammar.json_object(), param
+
+
+def tool_call_grammar(tools: list[tuple[str, dict[str, Any] | None]], choice: str | None) -> str | None:
+    """The grammar of a forced call: tool_choice "required" (any of `tools`, (name, parameters schema)
+    each) or a function's name; None for "auto", "none" or no choice. The schemas were checked with
+    the request; a call's arguments follow its schema (any JSON object where it has none)."""
+    if choice in (None, "auto", "none"):
+        return None
+    chosen = tools if choice == "required" else [t for t in tools if t[0] == choice]
+    if not chosen:
+        raise InvalidRequest(f"tool_choice names the function {choice!r}, which is not among the tools", "tool_choice")
+    try:
+        text = grammar.harmony_tool_call([(name, grammar.json_schema(params) if params else None)
+                                          for name, params in chosen])
+        grammar.check(text)
+    except grammar.GrammarError as exc:
+        raise InvalidRequest(f"the tools' parameters cannot be used to constrain a call: {exc}", "tools") from None
+    return text
 
 
 def answer_grammar(fmt: ResponseFormat | None, so: StructuredOutputs | None, chat: bool,

@@ -15,11 +15,11 @@ from deploy.server.errors import bad_request
 from deploy.server.generation import Generation, merged, until_stopped, usage
 from deploy.server.protocol import (ERROR_RESPONSES, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                              ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs, FunctionCall,
-                             TokenLogprob, ToolCallDelta, ToolCallFunctionDelta, ToolCallOut, TopLogprob,
-                             parse_logit_bias)
+                             NamedToolChoice, TokenLogprob, ToolCallDelta, ToolCallFunctionDelta, ToolCallOut,
+                             TopLogprob, parse_logit_bias)
 from deploy.server.service import ApiService, get_service
 from deploy.server.sse import STREAM_RESPONSE, sse_response
-from deploy.server.structured import answer_grammar
+from deploy.server.structured import answer_grammar, tool_call_grammar
 from deploy.server.text import StopFilter, token_bytes, token_text
 from model_shards.chat import CompletionParser, Delta, render_chat
 from model_shards.sampling import SamplingParams
@@ -40,9 +40,6 @@ class Prepared:
 def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     service.check_model(req.model)
     req.check()
-    if req.tool_choice not in (None, "auto", "none"):
-        raise bad_request("tool_choice can be 'auto' or 'none' here (forcing a call is not supported)", "tool_choice",
-                          "unsupported_parameter")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
@@ -53,9 +50,17 @@ def prepare(service: ApiService, req: ChatCompletionRequest) -> Prepared:
     params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed, stops, req.logprobs,
                               req.top_logprobs or 0 if req.logprobs else 0,
                               parse_logit_bias(req.logit_bias, service.vocab_size), req.controls(),
-                              answer_grammar(req.response_format, req.structured_outputs, chat=True))
+                              forced_call(req) or answer_grammar(req.response_format, req.structured_outputs, chat=True))
     stop_strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return Prepared(prompt_ids, params, stop_strings, req.logprobs)
+
+
+def forced_call(req: ChatCompletionRequest) -> str | None:
+    """tool_choice "required" or a named function: the answer is that call (structured.tool_call_grammar);
+    a forced turn has no final answer for response_format to shape."""
+    choice = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+    tools = [(t.function.name, t.function.parameters) for t in req.tools or []]
+    return tool_call_grammar(tools, choice)
 
 
 def logprob_entry(event: Event) -> TokenLogprob:

@@ -20,7 +20,7 @@ from deploy.server.response_events import ResponseBuilder, StreamEvent
 from deploy.server.response_input import chat_messages
 from deploy.server.service import ApiService, get_service
 from deploy.server.sse import STREAM_RESPONSE, sse_response
-from deploy.server.structured import answer_grammar
+from deploy.server.structured import answer_grammar, tool_call_grammar
 from model_shards.chat import ChatFormatError, CompletionParser, render_chat
 from model_shards.tokenizer import CHAT_STOP_TOKENS
 
@@ -100,7 +100,9 @@ async def responses(req: ResponsesRequest,
     params = service.sampling(max_tokens, req.temperature, req.top_p, req.seed,
                               () if req.ignore_eos else CHAT_STOP_TOKENS,
                               bias=parse_logit_bias(req.logit_bias, service.vocab_size), controls=req.controls(),
-                              grammar=answer_grammar(fmt, req.structured_outputs, chat=True, format_param="text.format"))
+                              grammar=tool_call_grammar([(t.name, t.parameters) for t in req.tools or []],
+                                                        req.forced_choice())
+                              or answer_grammar(fmt, req.structured_outputs, chat=True, format_param="text.format"))
     response_id = service.new_id("resp").replace("-", "_")
     run = service.start(prompt_ids, params, response_id, PARAM_NAMES)
     pending = ResponseObject(
