@@ -27,6 +27,7 @@ from cluster.options import OptionSpec, schema
 from deploy.server.api import ApiSettings, create_api
 from deploy.config import APP_GROUPS, AppConfig, prepare
 from deploy.server.metrics import RayExport, ServerMetrics
+from deploy.server.store import default_store_path
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class OpenAIServer:
         self.metrics = ServerMetrics(self.engine, name)
         self.export = RayExport(self.metrics.registry)
         s = config.server
-        settings = ApiSettings(name, s.api_key, s.max_body_bytes, s.request_timeout_s, s.default_max_tokens, s.docs)
+        settings = ApiSettings(name, s.api_key, s.max_body_bytes, s.request_timeout_s, s.default_max_tokens, s.docs,
+                               s.response_store or default_store_path(), s.response_ttl_s, s.response_store_max)
         self.asgi_app = create_api(self.engine, settings, self.metrics)
 
     def __serve_build_asgi_app__(self) -> Any:

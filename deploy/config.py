@@ -31,6 +31,11 @@ class ServerConfig:
     drain_timeout_s: float = option(30.0, "seconds in-flight requests get at shutdown", ge=0)
     docs: bool = option(False, "serve the interactive API docs at /docs and /redoc (their pages load scripts "
                                "from a CDN); /openapi.json is always served")
+    response_store: str | None = option(None, "where /v1/responses keeps stored responses: a SQLite file, "
+                                              "redis://host:port/db (shared by every node), memory or off "
+                                              "(default: a SQLite file under ~/.cache/gptoss)")
+    response_ttl_s: float = option(30 * 86400.0, "seconds a stored response is kept", gt=0)
+    response_store_max: int = option(10_000, "stored responses kept at most (the oldest go first)", ge=1)
     ingress_num_cpus: float = option(1.0, "CPUs of the Serve replica that runs the engine", ge=0)
     ingress_resources: Resources = option({}, "custom Ray resources that place the Serve replica")
 

@@ -16,8 +16,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel
 
-from deploy.server.protocol import FunctionCallItem, OutputItem, OutputMessage, OutputText, ReasoningItem, ReasoningText, \
-    ResponseObject
+from deploy.server.response_protocol import (FunctionCallItem, OutputItem, OutputMessage, OutputText,
+                                             ReasoningItem, ReasoningText, ResponseObject)
 from model_shards.chat import Delta
 
 

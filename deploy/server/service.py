@@ -4,6 +4,7 @@ parameters, starting a request). Routes get it with `Depends(get_service)`."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -16,6 +17,7 @@ from deploy.server.engine_client import AsyncEngine
 from deploy.server.errors import APIError
 from deploy.server.generation import Generation
 from deploy.server.metrics import ServerMetrics
+from deploy.server.store import MEMORY, open_store
 from model_shards.requests import InvalidRequest
 from model_shards.sampling import SamplingParams, new_seed
 
@@ -28,6 +30,9 @@ class ApiSettings:
     request_timeout_s: float | None = None  # None: requests may run as long as they need
     default_max_tokens: int = 4096  # when a chat or responses request gives none (KV is reserved for all of it)
     docs: bool = False  # serve /docs and /redoc
+    response_store: str = MEMORY  # store.open_store: off, memory, redis://..., or a SQLite file
+    response_ttl_s: float = 30 * 86400.0
+    response_store_max: int = 10_000
 
 
 class ApiService:
@@ -38,6 +43,8 @@ class ApiService:
         self.metrics = metrics
         self.created = int(time.time())
         self.vocab_size = engine.model_config.vocab_size
+        self.store = open_store(settings.response_store, settings.response_ttl_s, settings.response_store_max)
+        self.background: set[asyncio.Task[None]] = set()  # background responses running (kept referenced)
 
     @property
     def max_model_len(self) -> int:

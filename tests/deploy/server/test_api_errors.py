@@ -147,7 +147,8 @@ def test_s1_api_key_on_every_inference_route(local_engine: Engine) -> None:
     guarded = client_for(local_engine, api_key=key, default_max_tokens=2)
     routes = guarded.get("/openapi.json").json()["paths"]
     inference = {path for path in routes if path.startswith("/v1")}
-    assert inference == {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses"}
+    assert inference == {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
+                         "/v1/responses/{response_id}"}
     assert not [p for p in routes if not p.startswith("/v1") and p not in ("/health", "/metrics")]
     bodies = {"/v1/chat/completions": {"model": MODEL, "messages": USER, "max_tokens": 1},
               "/v1/completions": {"model": MODEL, "prompt": "x", "max_tokens": 1},
@@ -155,11 +156,17 @@ def test_s1_api_key_on_every_inference_route(local_engine: Engine) -> None:
     bad = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {key}"},
            {"Authorization": f"bearer {key}"}, {"Authorization": f"Bearer  {key}"}, {"Authorization": f"Bearer {key} "},
            {"Authorization": key}]
-    for path in inference:
+    for path in inference - {"/v1/responses/{response_id}"}:
         method = guarded.get if path == "/v1/models" else lambda url, **kw: guarded.post(url, json=bodies[url], **kw)
         for headers in bad:
             assert_error(method(path, headers=headers), 401)
         assert method(path, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    stored = guarded.post("/v1/responses", json=bodies["/v1/responses"], headers={"Authorization": f"Bearer {key}"})
+    one = f"/v1/responses/{stored.json()['id']}"
+    for method in (guarded.get, guarded.delete):  # a stored response is read and removed with the key only
+        for headers in bad:
+            assert_error(method(one, headers=headers), 401)
+    assert guarded.get(one, headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert guarded.get("/health").status_code == 200 and guarded.get("/metrics").status_code == 200
     assert key not in guarded.get("/openapi.json").text
 

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import TypeAdapter
 
-from deploy.server.protocol import ReasoningSettings, ResponseObject
+from deploy.server.response_protocol import ReasoningSettings, ResponseObject
 from deploy.server.response_events import ResponseBuilder
 from model_shards.chat import Delta
 from model_shards.tokenizer import RETURN
