@@ -25,7 +25,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 # Fixtures that start a `gptoss serve` process (tests/deploy, tests/k8s): their tests are in the server tier.
-SERVER_FIXTURES = {"server", "sdk", "small_server", "metrics_server", "prometheus"}
+SERVER_FIXTURES = {"server", "small_server", "metrics_server", "prometheus"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -140,7 +140,7 @@ class RedisStore:
     def put(self, response_id: str, record: StoredResponse) -> None:
         key = self.PREFIX + response_id
         pipe = self._db.pipeline()
-        pipe.set(key, record.encode(), ex=max(1, int(self.ttl_s)))
+        pipe.set(key, record.encode(), px=max(1, int(self.ttl_s * 1000)))
         pipe.zadd(self.INDEX, {response_id: time.time()}, nx=True)
         pipe.zremrangebyscore(self.INDEX, "-inf", time.time() - self.ttl_s)
         pipe.zcard(self.INDEX)

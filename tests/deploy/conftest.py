@@ -44,6 +44,18 @@ def client(local_engine: Engine) -> TestClient:
     return client_for(local_engine, default_max_tokens=16)
 
 
+def sdk_for(client: TestClient):
+    """The openai SDK over an in-process app (no network, no retries)."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def sdk(client: TestClient):
+    """The SDK over the in-process server of `client` (tests over a real server define their own)."""
+    return sdk_for(client)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,8 @@ from cluster.launch import EngineArgs, build_engine
 from tests.deploy.conftest import MODEL, client_for, metric_values
 from tests.deploy.server.test_api_behaviour import sse
 
+pytestmark = pytest.mark.slow  # each test generates through the whole HTTP stack and the SDK
+
 PREFIX = torch.randint(0, 199_998, (600,), generator=torch.Generator().manual_seed(8)).tolist()
 SYSTEM = "You answer questions about the weather in a long and careful way. " * 30
 

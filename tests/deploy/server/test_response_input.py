@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from deploy.server.response_input import FunctionCallInput, FunctionCallOutput, InputMessage, ReasoningInput, chat_messages
@@ -38,10 +37,6 @@ def test_items_become_harmony_messages(vocab: Path) -> None:
     assert text.endswith("<|start|>assistant")
 
 
-@pytest.fixture(scope="module")
-def sdk(client: TestClient):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 def test_the_sdk_tool_loop_continues_a_conversation(sdk) -> None:

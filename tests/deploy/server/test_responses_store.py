@@ -14,22 +14,19 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from fastapi.testclient import TestClient
 
 from cluster.engine.engine import Engine
 from deploy.server.store import MemoryStore, RedisStore, SqliteStore, StoredResponse
 from model_shards.tokenizer import RETURN
 from tests.conftest import IN_CI
-from tests.deploy.conftest import MODEL, client_for
+from tests.deploy.conftest import MODEL, client_for, sdk_for
 
 openai = pytest.importorskip("openai")
 
+pytestmark = pytest.mark.slow  # each test generates through the whole HTTP stack and the SDK
+
 # min_tokens keeps <|return|> out for 4 tokens, the bias makes it win right after: a completed answer.
 STOPS_AFTER_4 = {"min_tokens": 4, "logit_bias": {str(RETURN): 100}}
-
-
-def sdk_for(client: TestClient):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +159,10 @@ def test_a_store_keeps_the_newest_and_forgets_the_old(kind: str, tmp_path: Path,
     store.put("r1", record(7))  # an update (a background response finishing) keeps its place
     assert store.get("r1") == record(7) and store.get("r2") is not None
     assert store.delete("r2") and not store.delete("r2") and store.get("r2") is None
-    short = make(1, 10)
+    short = make(0.3, 10)
     short.put("old", record(0))
-    time.sleep(2.1)
+    assert short.get("old") == record(0)
+    time.sleep(0.6)
     assert short.get("old") is None
 
 

@@ -5,7 +5,6 @@ text and tool calls."""
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import TypeAdapter
 
 from deploy.server.response_protocol import ReasoningSettings, ResponseObject
@@ -17,13 +16,12 @@ from tests.deploy.conftest import MODEL
 openai = pytest.importorskip("openai")
 from openai.types.responses import ResponseStreamEvent  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test generates through the whole HTTP stack and the SDK
+
 # min_tokens keeps <|return|> out for 6 tokens, the bias makes it win right after: a "completed" response.
 STOPS_AFTER_6 = {"min_tokens": 6, "logit_bias": {str(RETURN): 100}}
 
 
-@pytest.fixture(scope="module")
-def sdk(client: TestClient):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 def request(**extra: object) -> dict[str, object]:

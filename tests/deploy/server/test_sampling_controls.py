@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.deploy.conftest import MODEL
 
 openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow  # each test generates through the whole HTTP stack and the SDK
 PROMPT = [1000, 2000, 3000, 4000, 5000]
 
 
-@pytest.fixture(scope="module")
-def sdk(client: TestClient):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 def tokens(sdk, **extra: object) -> list[int]:

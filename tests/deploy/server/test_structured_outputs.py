@@ -16,6 +16,8 @@ from tests.deploy.conftest import MODEL
 
 openai = pytest.importorskip("openai")
 
+pytestmark = pytest.mark.slow  # each test generates through the whole HTTP stack and the SDK
+
 SCHEMA = {"type": "object", "properties": {"done": {"type": "boolean"},
                                            "color": {"enum": ["red", "green", "blue"]},
                                            "count": {"type": "integer", "minimum": 1, "maximum": 99}},
@@ -24,9 +26,6 @@ JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "
 MESSAGES = [{"role": "user", "content": "Pick a color."}]
 
 
-@pytest.fixture(scope="module")
-def sdk(client: TestClient):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 @pytest.fixture(scope="module")

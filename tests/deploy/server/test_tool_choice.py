@@ -15,6 +15,8 @@ from tests.deploy.conftest import MODEL
 
 openai = pytest.importorskip("openai")
 
+pytestmark = pytest.mark.slow  # each test generates through the whole HTTP stack and the SDK
+
 # Every value bounded, so that a random model's arguments end within a few tokens.
 PICK = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
                                          "count": {"type": "integer", "minimum": 1, "maximum": 9}},
@@ -27,9 +29,6 @@ SCHEMAS = {"pick_color": PICK, "toggle": TOGGLE}
 MESSAGES = [{"role": "user", "content": "Pick a color."}]
 
 
-@pytest.fixture(scope="module")
-def sdk(client: TestClient):
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 @pytest.fixture(scope="module")
