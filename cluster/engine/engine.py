@@ -36,7 +36,7 @@ class Engine:
     def __init__(self, executor: Executor | Callable[[], Executor], config: EngineConfig | None = None) -> None:
         """`executor`, or a function that builds one: then it is built in the engine's own thread, which
         runs every step. With OpenMP, torch work in a second thread after the first one has run any is
-        slow (two thread teams on the cores: measured 1.5x per decode step), so a local engine loads
+        slow (two thread teams contend for the cores: docs/measurements.md), so a local engine loads
         its model in the thread that will compute with it."""
         self._started = threading.Event()
         self._built = threading.Event()
