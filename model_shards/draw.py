@@ -4,11 +4,15 @@ Each row draws by an exponential race: the token maximizing p / E, with E ~ Exp(
 draw from p (vLLM's samplers do the same). The race is robust where an inverse CDF is not: a resumed
 request recomputes its logits by prefill, which differs from decode in the last bits, and an
 inverse CDF over 201088 tokens accumulates that into a different token (seen in the engine's resume
-test); the race changes its winner only on a near tie. The noise of a row comes from a generator
-seeded by (seed, n), the sequence's seed and the index of the token it chooses: whatever else
-shares the batch, on any device. The race is also several times faster than `torch.multinomial` with
-a seeded generator per row, most of its time the noise (docs/measurements.md). Nothing here waits for
-the device: rows with no distribution left (nothing finite, or all zero) are reported in a mask.
+test); the race changes its winner only on a near tie.
+
+The noise is a counter-based hash of (seed, n, vocabulary position), n the index of the token the
+sequence chooses, computed with int32 tensor ops (`uniforms`): no generator, so the draws are the same
+whatever else shares the batch and on every device (torch's CPU and CUDA generators give different
+streams for one seed: a request resumed on another device, or compared with the CPU, would change).
+int32 products wrap and right shifts of negative values sign-extend, on the CPU and on CUDA alike.
+Nothing here waits for the device: rows with no distribution left (nothing finite, or all zero) are
+reported in a mask.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 MASK64 = (1 << 64) - 1
 ARGMAX_BLOCK = 1024  # columns per block of argmax_rows
 TOP_P_HEAD = 1024  # top-p looks for its set among this many most likely tokens first
+NOISE_BLOCK = 1 << 20  # elements per block of the CPU's noise (uniforms): its int32 scratch stays in cache
 
 
 def argmax_rows(logits: torch.Tensor, block: int = ARGMAX_BLOCK) -> torch.Tensor:
@@ -47,17 +52,60 @@ def splitmix64(x: int) -> int:
 
 
 def row_seed(seed: int, step: int) -> int:
-    """The generator seed of a sequence's step-th draw (63 bits)."""
+    """The key of a sequence's step-th draw (63 bits)."""
     return splitmix64(splitmix64(seed & MASK64) ^ (step & MASK64)) >> 1
 
 
+def row_keys(seeds: Sequence[int], steps: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """-> [R, 2] int32: each row's key in two 31-bit halves (one copy to the device)."""
+    keys = [row_seed(seed, step) for seed, step in zip(seeds, steps)]
+    return torch.tensor([[k & 0x7FFFFFFF, (k >> 31) & 0x7FFFFFFF] for k in keys], dtype=torch.int32).to(device)
+
+
+def _shift_xor(x: torch.Tensor, bits: int, tmp: torch.Tensor) -> None:
+    """x ^= x >>> bits (a logical shift: the arithmetic one torch does on int32 would clear the sign)."""
+    torch.bitwise_right_shift(x, bits, out=tmp).bitwise_and_((1 << (32 - bits)) - 1)
+    x.bitwise_xor_(tmp)
+
+
+def _mix32(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """x int32 in place: Wellons' two-multiply integer hash (multipliers below 2^31, so they are int32
+    scalars). `tmp`: scratch of x's shape."""
+    _shift_xor(x, 16, tmp)
+    x.mul_(0x21F0AAAD)
+    _shift_xor(x, 15, tmp)
+    x.mul_(0x735A2D97)
+    _shift_xor(x, 15, tmp)
+
+
+def hash_bits(keys: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """keys [R, 2] int32 -> [R, count] int32: the 24 hash bits of vocabulary positions
+    [first, first + count) of each row, in [0, 2^24)."""
+    x = torch.arange(first, first + count, dtype=torch.int32, device=keys.device)[None, :] + keys[:, :1]  # [R, n]
+    tmp = torch.empty_like(x)
+    _mix32(x, tmp)
+    x.bitwise_xor_(keys[:, 1:])
+    _mix32(x, tmp)
+    return torch.bitwise_right_shift(x, 8, out=tmp).bitwise_and_(0xFFFFFF)
+
+
+def uniforms(keys: torch.Tensor, vocab: int, block: int | None = None) -> torch.Tensor:
+    """keys [R, 2] -> [R, V] fp32 uniforms in (0, 1), (bits + 0.5) / 2^24 (exact in fp32, never 0).
+    On CPU in column blocks whose scratch stays in cache (each position's value does not depend on
+    the block: the same result in any blocking)."""
+    block = block or (max(4096, NOISE_BLOCK // max(1, keys.shape[0])) if keys.device.type == "cpu" else vocab)
+    out = torch.empty(keys.shape[0], vocab, dtype=torch.float32, device=keys.device)
+    for a in range(0, vocab, block):
+        n = min(block, vocab - a)
+        out[:, a:a + n].copy_(hash_bits(keys, a, n)).add_(0.5).mul_(2.0 ** -24)
+    return out
+
+
 def race(probs: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    """probs [R, V] >= 0 (any total) -> [R] long: argmax of probs / E, E ~ Exp(1) per token from row r's
-    own generator. Tokens of probability 0 never win (unless a row has nothing: the caller checks)."""
-    noise = torch.empty_like(probs)  # [R, V] uniforms in [0, 1), then Exp(1) = -log(u)
-    for r, (seed, step) in enumerate(zip(seeds, steps)):
-        gen = torch.Generator(device=probs.device).manual_seed(row_seed(seed, step))
-        noise[r].uniform_(generator=gen)
+    """probs [R, V] >= 0 (any total) -> [R] long: argmax of probs / E, E = -log(u) ~ Exp(1) per token, u
+    the row's counter-based uniforms. Tokens of probability 0 never win (unless a row has nothing: the
+    caller checks)."""
+    noise = uniforms(row_keys(seeds, steps, probs.device), probs.shape[1])  # [R, V]
     return argmax_rows(probs / noise.log_().neg_())
 
 
