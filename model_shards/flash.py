@@ -19,6 +19,25 @@ from __future__ import annotations
 import torch
 
 NEG_INF = float("-inf")
+# CUDA's memory-efficient kernel takes an additive bias only when its rows start on 16-byte boundaries
+# (its `check_supported`: strides a multiple of 8 elements in bf16, 4 in fp32), and the private op
+# used here does not pad the bias as the public scaled_dot_product_attention does. So every key length
+# that a bias spans is padded to a multiple of ALIGN with masked keys (kv_cache.py builds decode's
+# rows so; chunk_attention pads its window), and `check_aligned` makes that a checked rule.
+ALIGN = 8
+
+
+def aligned(n: int) -> int:
+    """n rounded up to a multiple of ALIGN."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def check_aligned(bias: torch.Tensor) -> None:
+    """Raises unless every stride of `bias` but the last (1) is a multiple of ALIGN elements (0, a
+    broadcast dimension, is one) and its last dimension starts aligned."""
+    if bias.stride(-1) != 1 or any(s % ALIGN for s in bias.stride()[:-1]) or bias.storage_offset() % ALIGN:
+        raise ValueError(f"attention bias of shape {tuple(bias.shape)} and strides {bias.stride()} is not "
+                         f"aligned to {ALIGN} elements")
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, causal: bool,
@@ -32,6 +51,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     if q.device.type == "cuda":
         if bias is not None:  # the kernel wants a bias of the full shape (broadcast strides are fine)
             bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            check_aligned(bias)
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale)
         return out, lse[..., :q.shape[2]].to(torch.float32)  # lse comes padded to a multiple of 32 queries
@@ -100,8 +120,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     time so that time and memory grow with the keys each block reads, not with a dense N x L matrix.
 
     q [N, nq, d]. Full attention (window None): k/v [start + N, nkv, d], positions [0, start + N).
-    Sliding window: k/v [window - 1 + N, nkv, d], positions [start - window + 1, start + N) (rows before
-    position 0 are padding). -> [N, nq, d]."""
+    Sliding window: k/v [aligned(window - 1 + N), nkv, d], positions from start - window + 1 (rows
+    before position 0 and from start + N on are padding). -> [N, nq, d]."""
     n, nq, d = q.shape
     nkv = k.shape[1]
     outs = []
@@ -117,9 +137,10 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
                                      v[None, :start + a].transpose(1, 2), None, False, scale)
                 out, lse = merge((out, lse), _unfold(*past, b))
         else:
-            keys = slice(a, a + window - 1 + b)  # positions [start + a - window + 1, start + a + b)
+            width = aligned(window - 1 + b)  # positions [start + a - window + 1, start + a + b), then padding
+            keys = slice(a, a + width)
             first = start + a - (window - 1)
-            kpos = torch.arange(first, first + window - 1 + b, device=q.device)
+            kpos = torch.arange(first, first + width, device=q.device)
             qpos = torch.arange(start + a, start + a + b, device=q.device)
             seen = (qpos[:, None] - kpos[None, :] >= 0) & (qpos[:, None] - kpos[None, :] < window) & (kpos >= 0)
             bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, NEG_INF)

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_shards.batch import StepLayout
+from model_shards.batch import StepLayout, to_device
 from model_shards.config import GptOssConfig
+from model_shards.flash import aligned
 
 
 def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class ChunkKV:
     start: int
     length: int
     full_rows: torch.Tensor  # [start + length] rows of positions [0, start + length)
-    slide_rows: torch.Tensor  # [W - 1 + length] rows of positions [start - W + 1, start + length) (0 below 0)
+    slide_rows: torch.Tensor  # [aligned(W - 1 + length)] rows of positions from start - W + 1 (0 below 0 and past the end)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class StepKV:
     full_write_rows: torch.Tensor  # [T] row of every new token
     slide_write_rows: torch.Tensor  # [T] sliding row of every new token
     decode_tokens: torch.Tensor  # [G] flat index of each one-token chunk (decoding sequences)
-    decode_full_rows: torch.Tensor  # [G, Lf] rows of positions [0, Lf) (0 past a sequence's end)
+    decode_full_rows: torch.Tensor  # [G, Lf] rows of positions [0, Lf) (0 past a sequence's end; Lf aligned)
     decode_full_bias: torch.Tensor  # [G, 1, 1, Lf] 0 where the key exists, -inf where it is padding
     decode_slide_rows: torch.Tensor  # [G, W] rows of the W positions ending at the token
     decode_slide_bias: torch.Tensor  # [G, 1, 1, W]
@@ -134,7 +135,10 @@ class KVCache:
 
     # -- one step --------------------------------------------------------------------------------
     def view(self, layout: StepLayout) -> StepKV:
-        bs, w, dev = self.block_size, self.window, self.device
+        """The step's index tensors, computed on the host from the tables and the chunks' integers
+        (nothing is read back from the device) and copied to the device at once (batch.to_device).
+        Key lengths are padded to the kernels' alignment (flash.aligned) with masked rows."""
+        bs, w = self.block_size, self.window
         width = max(self._blocks(c.start + c.length) for c in layout.chunks)
         full, slide, slide_base = [], [], []
         for chunk in layout.chunks:
@@ -145,52 +149,49 @@ class KVCache:
             full.append(t.full[:width] + [0] * (width - min(width, len(t.full))))
             first = max(0, chunk.start - (w - 1)) // bs  # the sliding blocks this chunk reads or writes
             slide_base.append(first)
-            slide.append([t.sliding.get(i, -1) for i in range(first, self._blocks(end))])
-        full_table = torch.tensor(full, dtype=torch.long, device=dev)  # [S, blocks]
+            row = [t.sliding.get(i, -1) for i in range(first, self._blocks(end))]
+            if -1 in row:  # every one of them holds positions >= 0 that this chunk reads or writes
+                raise KVCacheFull("a sequence's sliding-window table lacks a block this step reads or writes")
+            slide.append(row)
+        full_table = torch.tensor(full, dtype=torch.long)  # [S, blocks] (host, like everything below)
         slide_width = max(len(row) for row in slide)
-        slide_table = torch.tensor([row + [-1] * (slide_width - len(row)) for row in slide], dtype=torch.long,
-                                   device=dev)  # [S, blocks from each chunk's first]
-        base = torch.tensor(slide_base, dtype=torch.long, device=dev)  # [S]
+        slide_table = torch.tensor([row + [0] * (slide_width - len(row)) for row in slide], dtype=torch.long)
+        base = torch.tensor(slide_base, dtype=torch.long)  # [S]
 
         def full_rows(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             return full_table[seq, pos // bs] * bs + pos % bs
 
-        def slide_rows(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            """0 where pos < 0; raises where a needed block is missing."""
-            blocks = slide_table[seq, (pos.clamp(min=0) // bs - base[seq]).clamp(min=0)]
-            if bool((blocks[pos >= 0] < 0).any()):
-                raise KVCacheFull("a sequence's sliding-window table lacks a block this step reads or writes")
-            return (blocks * bs + pos % bs) * (pos >= 0)
+        def slide_rows(seq: torch.Tensor, pos: torch.Tensor, end: int | None = None) -> torch.Tensor:
+            """0 where pos < 0 (and from `end` on: alignment padding)."""
+            blocks = slide_table[seq, (pos.clamp(min=0) // bs - base[seq]).clamp(min=0, max=slide_width - 1)]
+            rows = (blocks * bs + pos % bs) * (pos >= 0)
+            return rows if end is None else rows * (pos < end)
 
-        positions, seq = layout.positions, layout.seq_index  # [T]
         lengths = [c.length for c in layout.chunks]
+        seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], dtype=torch.long)  # [T]
+        positions = torch.tensor([c.start + j for c in layout.chunks for j in range(c.length)], dtype=torch.long)
         decode = [i for i, n in enumerate(lengths) if n == 1]
-        dec = torch.tensor(decode, dtype=torch.long, device=dev)  # [G] chunk index
-        tokens = layout.last_token[dec]  # [G] a one-token chunk's token is its last
-        ends = layout.past_len[dec] + 1  # [G]
-        lf = int(ends.max()) if decode else 0
-        kpos = torch.arange(lf, device=dev)[None, :].expand(len(decode), lf)  # [G, Lf]
-        spos = ends[:, None] - w + torch.arange(w, device=dev)[None, :]  # [G, W]
-        chunks = []
-        offsets = torch.cumsum(torch.tensor([0] + lengths), 0).tolist()
-        for i, c in enumerate(layout.chunks):
-            if c.length == 1:
-                continue
-            index = torch.full((c.start + c.length,), i, dtype=torch.long, device=dev)
-            fpos = torch.arange(c.start + c.length, device=dev)
-            spos_c = torch.arange(c.start - (w - 1), c.start + c.length, device=dev)
-            chunks.append(ChunkKV(offsets[i], c.start, c.length, full_rows(index, fpos),
-                                  slide_rows(index[:1].expand(spos_c.shape[0]), spos_c)))
-        return StepKV(
-            full_write_rows=full_rows(seq, positions),
-            slide_write_rows=slide_rows(seq, positions),
-            decode_tokens=tokens,
-            decode_full_rows=full_rows(dec[:, None].expand_as(kpos), kpos) * (kpos < ends[:, None]),
-            decode_full_bias=self._bias(kpos < ends[:, None]),
-            decode_slide_rows=slide_rows(dec[:, None].expand_as(spos), spos),
-            decode_slide_bias=self._bias(spos >= 0),
-            chunks=chunks,
-        )
+        dec = torch.tensor(decode, dtype=torch.long)  # [G] chunk index
+        ends = torch.tensor([layout.chunks[i].start + 1 for i in decode], dtype=torch.long)  # [G]
+        lf = aligned(max((layout.chunks[i].start + 1 for i in decode), default=0))
+        kpos = torch.arange(lf)[None, :].expand(len(decode), lf)  # [G, Lf]
+        spos = ends[:, None] - w + torch.arange(w)[None, :]  # [G, W]
+        host = [full_rows(seq, positions), slide_rows(seq, positions),
+                torch.tensor([layout.first[i] for i in decode], dtype=torch.long),  # a one-token chunk's token
+                full_rows(dec[:, None].expand_as(kpos), kpos) * (kpos < ends[:, None]), kpos < ends[:, None],
+                slide_rows(dec[:, None].expand_as(spos), spos), spos >= 0]
+        prefill = [(i, c) for i, c in enumerate(layout.chunks) if c.length > 1]
+        for i, c in prefill:
+            index = torch.full((c.start + c.length,), i, dtype=torch.long)
+            spos_c = torch.arange(c.start - (w - 1), c.start - (w - 1) + aligned(w - 1 + c.length))
+            host += [full_rows(index, torch.arange(c.start + c.length)),
+                     slide_rows(index[:1].expand(spos_c.shape[0]), spos_c, c.start + c.length)]
+        dev = to_device(host, self.device)
+        chunks = [ChunkKV(layout.first[i], c.start, c.length, dev[7 + 2 * n], dev[8 + 2 * n])
+                  for n, (i, c) in enumerate(prefill)]
+        return StepKV(full_write_rows=dev[0], slide_write_rows=dev[1], decode_tokens=dev[2],
+                      decode_full_rows=dev[3], decode_full_bias=self._bias(dev[4]),
+                      decode_slide_rows=dev[5], decode_slide_bias=self._bias(dev[6]), chunks=chunks)
 
     def _bias(self, seen: torch.Tensor) -> torch.Tensor:
         """[G, L] bool -> [G, 1, 1, L] additive mask in the cache's dtype."""

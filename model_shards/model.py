@@ -56,11 +56,10 @@ class GptOssModel:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
-                moe: MoeFn | None = None, rows: list[int] | None = None) -> torch.Tensor:
-        """token_ids [T] -> logits [R, V] fp32 for the last token of each chunk (of the chunks in
-        `rows` only, when given: the unembedding is the costliest matmul of a decode step)."""
+                moe: MoeFn | None = None) -> torch.Tensor:
+        """token_ids [T] -> logits [R, V] fp32 for the last token of each sampled chunk (plan_step)."""
         moe = moe or self.local_moe
-        layers = self.layers(token_ids, layout, kv, rows)
+        layers = self.layers(token_ids, layout, kv)
         request = next(layers)
         while True:
             try:
@@ -69,8 +68,8 @@ class GptOssModel:
                 return done.value.to(torch.float32)
 
     @torch.inference_mode()
-    def layers(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
-               rows: list[int] | None = None) -> Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def layers(self, token_ids: torch.Tensor, layout: StepLayout,
+               kv: KVCache) -> Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
         """`forward` as a generator, for callers that interleave several batches (a replica's
         micro-batches): yields (layer, t [T, H]) where the MoE block's input is ready, takes its output
         [T, H] back, and returns the logits (in the model dtype: `unembed`)."""
@@ -82,5 +81,4 @@ class GptOssModel:
             attn = w.attention[layer]
             x = attention_block(x, attn, cfg, layer, cos, sin, kv, kv_view)
             x = x + (yield layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
-        last = layout.last_token if rows is None else layout.last_token[rows]
-        return unembed(x[last], w.globals, cfg.rms_norm_eps)
+        return unembed(x[layout.last_token], w.globals, cfg.rms_norm_eps)

@@ -61,11 +61,12 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     out = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)  # every row is written below
     if n == 0:
         return out
-    if uses_grouped_mm(x, w):
+    if uses_grouped_mm(x, w) or (n <= ROW_BLOCK and isinstance(w.gate_up, DenseStack) and not is_prepacked(w)
+                                 and isinstance(w.down, DenseStack) and x.dtype == w.gate_up.weight.dtype):
         return grouped_experts(x, token_index, expert_ids, gates, w, cfg)
     order = torch.argsort(expert_ids, stable=True)  # [N] assignments grouped by expert
     experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
-    spans = list(zip(experts.tolist(), counts.tolist()))  # the one host sync
+    spans = list(zip(experts.tolist(), counts.tolist()))  # a host sync: the CPU's prepacked paths and prefill
     if spans[0][0] < w.first or spans[-1][0] >= w.stop:
         raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
     for block, segments in row_blocks(spans, ROW_BLOCK):
@@ -84,10 +85,17 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     return out
 
 
+def is_prepacked(w: ExpertWeights) -> bool:
+    """Whether the experts' matrices have oneDNN copies (a bf16 CPU that prepacks: linear.py)."""
+    return isinstance(w.gate_up, DenseStack) and any(p is not None for p in w.gate_up.packed)
+
+
 def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
     """On CUDA, bf16 dense experts run as two grouped matmuls (`torch._grouped_mm`), whatever the step:
-    no loop over experts and no host sync but one. On CPU the prepacked paths take about a fifth less
-    time, from one row per expert to a prefill's hundreds (docs/measurements.md)."""
+    no loop over experts and no host sync. On CPU the prepacked paths take about a fifth less
+    time, from one row per expert to a prefill's hundreds (docs/measurements.md); without them a
+    decode-sized step's experts run grouped too (run_experts), at the per-expert loop's speed and
+    without its host sync."""
     return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
             and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
@@ -97,14 +105,14 @@ def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torc
                     w: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
     """run_experts' contract (x [T', H], token_index/expert_ids/gates [N] -> [N, H] fp32 weighted
     outputs) in two grouped matmuls over the assignments sorted by expert: group e is the rows of
-    expert e, empty groups included. Any device where torch has the op (tests run it on CPU)."""
+    expert e, empty groups included. Any device where torch has the op. Nothing is read back: the ids
+    must fall in w's range (route() and the router's dispatch make them so); the CPU checks them as it
+    counts, a GPU could only with a host sync."""
     local = expert_ids - w.first  # [N]
     try:
-        counts = torch.bincount(local, minlength=w.count)  # [E]; its size is the one host sync
-    except RuntimeError:  # a negative id
-        counts = None
-    if counts is None or counts.shape[0] != w.count:
-        raise ValueError(f"assignment outside experts [{w.first}, {w.stop})")
+        counts = expert_counts(local, w.count)  # [E]
+    except (IndexError, RuntimeError) as exc:
+        raise ValueError(f"assignment outside experts [{w.first}, {w.stop})") from exc
     order = torch.argsort(local, stable=True)  # [N] assignments grouped by expert
     experts = local[order]  # [N] local expert of each sorted row
     ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
@@ -118,6 +126,19 @@ def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torc
     return out
 
 
+def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """ids [N] in [0, n) -> [n] long: how many times each occurs. A scatter-add, where bincount would
+    read the largest id back to size its output (a host sync on a GPU)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+def likely_active(tokens: int, k: int, experts: int) -> float:
+    """The expected number of distinct experts that `tokens` tokens with k experts each use, routed
+    uniformly: what the fused path's choice goes by instead of the actual count (which the host would
+    have to read back from the device)."""
+    return experts * (1.0 - (1.0 - min(k, experts) / experts) ** tokens)
+
+
 def batches_well(w: ExpertWeights, active: int, rows: int) -> bool:
     """Batched matmuls over every expert of the stack pay off when most of them have rows (each weight
     is read either way, in one call instead of one per expert) and those rows are few, on the bf16
@@ -125,7 +146,7 @@ def batches_well(w: ExpertWeights, active: int, rows: int) -> bool:
     Beyond BATCHED_MAX_ROWS rows per expert in use (prefill), one prepacked matmul per expert is faster
     than `baddbmm`, which reorders the weights on every call: the threshold keeps small prefills faster
     and larger ones no slower (docs/measurements.md)."""
-    return (isinstance(w.gate_up, DenseStack) and bool(w.gate_up.packed) and 4 * active >= 3 * w.count
+    return (is_prepacked(w) and 4 * active >= 3 * w.count
             and rows <= BATCHED_MAX_ROWS * active)
 
 
@@ -193,11 +214,10 @@ def fuses_well(w: ExpertWeights, tokens: int, active: int) -> bool:
             and w.gate_up.stacked is not None and tokens <= FUSED_MAX_TOKENS and 2 * active >= w.count)
 
 
-def fuses_here(w: ExpertWeights, rows: int, slots: torch.Tensor) -> bool:
-    """fuses_well for `rows` rows whose assignments use `slots` [N] (positions in w's stack); the
-    count of experts in use costs a host sync, paid only when everything else allows fusing."""
-    return fuses_well(w, rows, w.count) and fuses_well(
-        w, rows, int(torch.bincount(slots, minlength=w.count).count_nonzero()))
+def fuses_here(w: ExpertWeights, rows: int, active: int) -> bool:
+    """fuses_well for `rows` rows whose assignments use `active` of w's experts (the router counts
+    them on the host, where it plans the dispatch)."""
+    return fuses_well(w, rows, active)
 
 
 def fused_rows(x: torch.Tensor, token_index: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor,
@@ -237,16 +257,13 @@ def fused_experts(t: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
 def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cfg: GptOssConfig,
               counts: torch.Tensor | None = None) -> torch.Tensor:
     """t [T, H] (already normed) -> MoE output [T, H], with every expert in one place. `counts`
-    [E], when given, is incremented by the tokens routed to each expert."""
+    [E] (long, on t's device), when given, is incremented by the tokens routed to each expert."""
     k = cfg.experts_per_token
     expert_ids, gates = route(t, router, k)  # [T, K]
-    fusable = fuses_well(experts, t.shape[0], experts.count)
-    if counts is not None or fusable:
-        routed = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts).cpu()  # [E]
-        if counts is not None:
-            counts += routed
-        if fusable and fuses_well(experts, t.shape[0], int(routed.count_nonzero())):
-            return fused_experts(t, expert_ids, gates, experts, cfg)
+    if counts is not None:
+        counts += expert_counts(expert_ids.flatten(), cfg.num_experts)
+    if fuses_well(experts, t.shape[0], round(likely_active(t.shape[0], k, experts.count))):
+        return fused_experts(t, expert_ids, gates, experts, cfg)
     token_index = torch.arange(t.shape[0], device=t.device).repeat_interleave(k)  # [T*K]
     weighted = run_experts(t, token_index, expert_ids.flatten(), gates.flatten(), experts, cfg)
     return combine(weighted, k, t.dtype)

@@ -97,7 +97,7 @@ class Router:
             self._send(ep, shard_name(a.shard), ShardRequest(
                 step_id, layer, micro, x, torch.from_numpy(a.token_index), torch.from_numpy(a.expert_slots),
                 torch.from_numpy(flat_gates[a.slots]), torch.from_numpy(owned[present]),
-                torch.from_numpy(counts[present]), self.placement.version))
+                torch.from_numpy(counts[present]), self.placement.version, len(np.unique(a.expert_slots))))
         for share in replica_shares(plan, per_shard, sizes, k):
             self._send(ep, replica_name(replicas[share.replica]), MoeRoute(
                 step_id, layer, micro, torch.from_numpy(share.shards), torch.from_numpy(share.counts),

@@ -121,7 +121,7 @@ class ExpertShard:
         x, token_index, slots = req.x.to(d, self.dtype), req.token_index.to(d), req.expert_slots.to(d)
         gates = req.gates.to(d)
         counts = req.counts.tolist()  # assignments are token-major: one run per replica
-        summed = fuses_here(w, x.shape[0], slots)
+        summed = fuses_here(w, x.shape[0], req.active)
         if summed:  # one row per token: each replica's tokens are a run of x's rows too
             ends = token_index[torch.tensor(counts).cumsum(0).sub_(1).to(d)].tolist()  # last row of each run
             parts = torch.split(fused_rows(x, token_index, slots, gates, w, self.config),

@@ -112,6 +112,7 @@ class ShardRequest:
     replicas: torch.Tensor  # [P] int64: the replicas these assignments belong to, in RouterStep order
     counts: torch.Tensor  # [P] int64: how many of the N (which are token-major) belong to each
     placement: int = 0  # the expert placement version the slots refer to
+    active: int = 0  # distinct slots among expert_slots (the router counts them on the host; 0: unknown)
 
 
 @dataclass

@@ -94,7 +94,9 @@ class LocalExecutor(Executor):
         self.config = self.model.config
         self.kv = kv
         self.num_replicas = 1
-        self.expert_tokens = torch.zeros(self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long)
+        # routed tokens per layer and expert, counted on the model's device (read by stats(), between steps)
+        self.expert_tokens = torch.zeros(self.config.num_hidden_layers, self.config.num_experts, dtype=torch.long,
+                                         device=self.model.device)
         self.moe_time = Histogram()  # the single "shard": every expert, in this process
         self.recoveries = 0
 
@@ -134,7 +136,8 @@ class LocalExecutor(Executor):
                           self.threads, self.dtype, cpu_features().summary())]
 
     def stats(self) -> ExecutorStats:
-        per_layer = tuple((int(n),) for n in self.expert_tokens.sum(1).tolist())  # one "shard": every expert
-        router = RouterStats(tuple(self.expert_tokens.sum(0).tolist()), per_layer, 0.0)
+        counts = self.expert_tokens.cpu()
+        per_layer = tuple((int(n),) for n in counts.sum(1).tolist())  # one "shard": every expert
+        router = RouterStats(tuple(counts.sum(0).tolist()), per_layer, 0.0)
         return ExecutorStats((ReplicaStats(self.core.usage()),), router, (ShardStats(None, self.moe_time.snapshot()),),
                              self.recoveries)

@@ -14,7 +14,7 @@ from typing import Callable, Generator
 import torch
 
 from cluster.dataplane.messages import ChunkPlan, ReplicaStep, Sampled
-from model_shards.batch import SeqChunk, plan_step
+from model_shards.batch import SeqChunk, plan_step, to_device
 from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
 from model_shards.model import GptOssModel, MoeFn
@@ -56,9 +56,10 @@ def prepare(kv: KVCache, step: ReplicaStep, histories: Histories) -> None:
 
 def group_layers(model: GptOssModel, kv: KVCache, chunks: list[ChunkPlan]) -> Layers:
     """The model's layer generator over `chunks`; it returns the logits of their sampling rows."""
-    layout = plan_step([SeqChunk(c.seq_id, c.start, len(c.token_ids)) for c in chunks], model.device)
-    ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=model.device)
-    return model.layers(ids, layout, kv, [i for i, c in enumerate(chunks) if c.sample])
+    layout = plan_step([SeqChunk(c.seq_id, c.start, len(c.token_ids)) for c in chunks], model.device,
+                       [i for i, c in enumerate(chunks) if c.sample])
+    ids, = to_device([torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)], model.device)
+    return model.layers(ids, layout, kv)
 
 
 def interleave(groups: list[Layers], send: SendFn, recv: RecvFn) -> list[torch.Tensor]:

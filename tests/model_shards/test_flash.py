@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model_shards.attention import allowed_keys, sdpa_with_sinks
-from model_shards.flash import attention_lse, attention_lse_math, chunk_attention, decode_attention
+from model_shards.flash import (ALIGN, aligned, attention_lse, attention_lse_math, check_aligned, chunk_attention,
+                                decode_attention)
 
 NQ, NKV, D, W = 8, 2, 16, 8
 SCALE = D ** -0.5
@@ -39,9 +40,10 @@ def test_chunk_attention_equals_the_reference(start: int, n: int, window: int | 
     if window is None:
         k, v = torch.randn(start + n, NKV, D), torch.randn(start + n, NKV, D)
         k_pos = torch.arange(start + n)
-    else:
-        k, v = torch.randn(window - 1 + n, NKV, D), torch.randn(window - 1 + n, NKV, D)
-        k_pos = torch.arange(start - window + 1, start + n)
+    else:  # keys padded to the alignment (rows past the chunk's end: never seen)
+        width = aligned(window - 1 + n)
+        k, v = torch.randn(width, NKV, D), torch.randn(width, NKV, D)
+        k_pos = torch.arange(start - window + 1, start - window + 1 + width)
     out = chunk_attention(q, k, v, start, window, sinks, SCALE, block)
     expected = reference(q, k, v, torch.arange(start, start + n), k_pos, window, sinks)
     assert torch.allclose(out, expected, atol=1e-5)
@@ -60,13 +62,25 @@ def test_decode_attention_equals_the_reference_per_sequence() -> None:
         assert torch.allclose(out[g:g + 1], expected, atol=1e-5)
 
 
+def test_the_alignment_rule() -> None:
+    assert [aligned(n) for n in (0, 1, 8, 9, 127, 128, 135)] == [0, 8, 8, 16, 128, 128, 136]
+    check_aligned(torch.zeros(3, 1, 1, 40).expand(3, 8, 1, 40))  # broadcast strides (0) are aligned
+    check_aligned(torch.zeros(1, 1, 5, 136))
+    for bad in (torch.zeros(3, 1, 1, 33), torch.zeros(1, 1, 5, 127 + 5), torch.zeros(2, 48)[:, 1:41]):
+        with pytest.raises(ValueError, match="not aligned"):
+            check_aligned(bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_kernel_equals_plain_ops(causal: bool) -> None:
+    """Queries of any count; the keys a bias spans padded to the alignment (ALIGN)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 33, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    bias = torch.zeros(2, 1, 33, 33, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 4, 33, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, aligned(33), 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.zeros(2, 1, 33, aligned(33), device="cuda", dtype=torch.bfloat16)
     bias[..., 20:] = float("-inf")
+    assert aligned(33) % ALIGN == 0
     out, lse = attention_lse(q, k, v, bias, causal, 0.125)
     ref_out, ref_lse = attention_lse_math(q, k, v, bias, causal, 0.125)
     assert torch.allclose(out.float(), ref_out.float(), atol=2e-2) and torch.allclose(lse, ref_lse, atol=1e-2)
