@@ -23,9 +23,9 @@ import functools
 import json
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from model_shards.token_mask import bits_of
 from model_shards.tokenizer import RETURN, tokenizer
 
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -185,21 +185,3 @@ class Constraint:
 @functools.lru_cache(maxsize=64)
 def _stop_bits(tokens: tuple[int, ...], vocab_size: int) -> torch.Tensor:
     return bits_of(tokens, vocab_size)
-
-
-def bits_of(tokens: Sequence[int], vocab_size: int) -> torch.Tensor:
-    """[ceil(V / 32)] int32 words with exactly `tokens` set."""
-    flags = np.zeros(-(-vocab_size // 32) * 32, dtype=np.uint8)
-    flags[list(tokens)] = 1
-    return torch.from_numpy(np.packbits(flags, bitorder="little").view(np.int32).copy())
-
-
-def allowed(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[W] int32 bit words -> [V] bool (unpacked on the host: one pass over 25 KB)."""
-    flags = np.unpackbits(words.cpu().numpy().view(np.uint8), bitorder="little")[:vocab_size]
-    return torch.from_numpy(flags.view(np.bool_))
-
-
-def apply_mask(row: torch.Tensor, words: torch.Tensor) -> None:
-    """row [V] logits in place: tokens the mask leaves out get -inf."""
-    row.masked_fill_(~allowed(words, row.shape[-1]).to(row.device, non_blocking=True), float("-inf"))

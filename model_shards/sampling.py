@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from model_shards.grammar import apply_mask
+from model_shards.token_mask import apply_mask
 from model_shards.draw import argmax_rows, draw
 from model_shards.logits import History, add_bias, forbid, penalize
 

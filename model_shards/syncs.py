@@ -95,7 +95,7 @@ def _caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
-        if "torch" not in path.split(os.sep)[-3:-1] and not path.endswith(("syncs.py", "contextlib.py")) \
+        if "torch" not in path.split(os.sep)[-3:-1] and path not in (__file__, contextlib.__file__) \
                 and "site-packages" not in path:
             return f"{os.path.basename(path)}:{frame.f_lineno} {frame.f_code.co_name}"
         frame = frame.f_back
@@ -146,3 +146,34 @@ def count_dispatch(count: DispatchCount | None = None) -> Iterator[DispatchCount
         with _patch_lock:
             for name, method in saved.items():
                 setattr(torch.Tensor, name, method)
+
+
+def host_list(t: torch.Tensor) -> list:
+    """t.tolist() for a tensor in host memory by construction (a received message's metadata): not a
+    device read, so not counted; a tensor on a device is read (and counted) as usual."""
+    return torch._C.TensorBase.tolist(t) if t.device.type == "cpu" else t.tolist()
+
+
+def host_numpy(t: torch.Tensor) -> Any:
+    """t.numpy() for a CPU tensor (the transport's view of host memory): not counted."""
+    return torch._C.TensorBase.numpy(t)
+
+
+class Meter:
+    """Counting on request inside a loop that runs in another thread (an actor's data-plane loop):
+    `start` from any thread; the loop wraps each message's handling in `measure()`; `stop` returns
+    what was counted since `start`."""
+
+    def __init__(self) -> None:
+        self._count: DispatchCount | None = None
+
+    def start(self) -> None:
+        self._count = DispatchCount()
+
+    def stop(self) -> DispatchCount:
+        count, self._count = self._count, None
+        return count if count is not None else DispatchCount()
+
+    def measure(self) -> contextlib.AbstractContextManager[Any]:
+        count = self._count
+        return count_dispatch(count) if count is not None else contextlib.nullcontext()

@@ -23,6 +23,7 @@ from cluster.telemetry import ExpertLoad, ReplicaStats, RouterStats, ShardStats
 from cluster.dataplane.transport import Address, Endpoint, PlaneSpec, StreamClosed
 from model_shards.allocator import keep_freed_memory
 from model_shards.capabilities import cpu_features
+from model_shards.syncs import DispatchCount
 
 
 class PlaneMember:
@@ -74,6 +75,13 @@ class PlaneMember:
 
     def reset(self) -> None:
         self.obj.reset()
+
+    def start_counting(self) -> None:
+        """Count host syncs and ops of the data-plane messages from now on (syncs.py)."""
+        self.obj.meter.start()
+
+    def stop_counting(self) -> DispatchCount:
+        return self.obj.meter.stop()
 
     def stats(self) -> ReplicaStats | RouterStats | ShardStats:
         return self.obj.stats()

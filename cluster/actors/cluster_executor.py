@@ -34,6 +34,7 @@ from cluster.actors.rebalance import Rebalancer
 from cluster.actors.roles import Spec
 from cluster.telemetry import ExecutorStats
 from cluster.dataplane.dist_channel import GroupSpec
+from model_shards.syncs import DispatchCount
 from cluster.dataplane.transport import DIST_KINDS, Endpoint, PlaneSpec, StreamClosed, StreamTimeout, dist_members, plan_channels
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,15 @@ class ClusterExecutor(Executor):
         except (StreamClosed, StreamTimeout) as exc:
             self._raise_if_down()
             raise ExecutorFailure(f"data plane failed: {exc}") from None
+
+    def counted(self, steps: dict[int, ReplicaStep]) -> tuple[dict[int, StepResult], dict[str, DispatchCount]]:
+        ray.get([a.start_counting.remote() for a in self.actors.values()], timeout=30)
+        try:
+            results = self.execute(steps)
+        finally:
+            names = list(self.actors)
+            counts = ray.get([self.actors[n].stop_counting.remote() for n in names], timeout=30)
+        return results, dict(zip(names, counts))  # by data-plane name: replica0, router, shard1...
 
     def _raise_if_down(self) -> None:
         done, _ = ray.wait(list(self.serving.values()), num_returns=len(self.serving), timeout=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from cluster.config import ReplicaSpec, actor_device
@@ -16,6 +17,7 @@ from cluster.dataplane.transport import Endpoint
 from cluster.engine.replica_core import ReplicaCore
 from cluster.telemetry import ReplicaStats
 from model_shards.moe import combine
+from model_shards.syncs import Meter, host_list, host_numpy
 
 
 class AttentionReplica:
@@ -28,6 +30,7 @@ class AttentionReplica:
         self.device = actor_device(spec.use_gpu)
         self.core = ReplicaCore(spec.source, spec.kv, self.device, with_experts=False)  # the MoE runs on the shards
         self.model = self.core.model
+        self.meter = Meter()  # host syncs and ops per step, counted on request (bench, tests)
 
     def reset(self) -> None:
         self.core.reset()
@@ -35,7 +38,9 @@ class AttentionReplica:
     def serve(self, ep: Endpoint) -> None:
         while True:
             step: ReplicaStep = ep.recv(ENGINE)
-            ep.send(ENGINE, self.run(step, ep))
+            with self.meter.measure():
+                result = self.run(step, ep)
+            ep.send(ENGINE, result)
 
     def run(self, step: ReplicaStep, ep: Endpoint) -> StepResult:
         start = time.perf_counter()
@@ -55,7 +60,7 @@ class AttentionReplica:
             route: MoeRoute = ep.recv(ROUTER)
             _expect(route, step.step_id, layer, micro, "the router")
             parts: list[ShardResult] = []
-            for shard in route.shards.tolist():
+            for shard in host_list(route.shards):
                 parts.append(ep.recv(shard_name(shard)))
                 _expect(parts[-1], step.step_id, layer, micro, f"shard {shard}")
             waited += time.perf_counter() - began
@@ -76,20 +81,23 @@ def merge_answers(route: MoeRoute, parts: list[ShardResult], k: int, dtype: torc
     """The answers of route.shards (in that order) to one replica's T tokens -> its MoE output [T, H]
     in `dtype`: per-assignment outputs go to their t*K + k slots and are summed over k in order; the
     answers that came summed per token (moe.fused_rows) are added after, in shard order (moe.combine)."""
-    slots = route.slots.to(device)  # [T*K] grouped by shard, token-major within each
+    host = route.slots  # [T*K] grouped by shard, token-major within each (host memory: the message's)
+    slots = host.to(device)
     weighted = torch.empty(slots.shape[0], parts[0].weighted.shape[1], dtype=torch.float32, device=device)
     summed: torch.Tensor | None = None  # [T, H]
     offset = 0
-    for part, count in zip(parts, route.counts.tolist()):
+    for part, count in zip(parts, host_list(route.counts)):
         mine = slots[offset:offset + count]
-        offset += count
         if not part.summed:
             weighted[mine] = part.weighted.to(device)
+            offset += count
             continue
         weighted[mine] = 0
         if summed is None:
             summed = torch.zeros(slots.shape[0] // k, weighted.shape[1], dtype=torch.float32, device=device)
-        summed.index_add_(0, torch.unique_consecutive(mine // k), part.weighted.to(device))  # its tokens, ascending
+        tokens = np.unique(host_numpy(host[offset:offset + count]) // k)  # its tokens, ascending (on the host)
+        summed.index_add_(0, torch.from_numpy(tokens).to(device), part.weighted.to(device))
+        offset += count
     return combine(weighted, k, dtype, summed)
 
 

@@ -19,6 +19,7 @@ from cluster.actors.router import Router
 from cluster.actors.shard import ExpertShard
 from cluster.telemetry import ReplicaStats, RouterStats, ShardStats
 from cluster.dataplane.transport import Endpoint
+from model_shards.syncs import Meter
 
 Spec = ReplicaSpec | RouterSpec | ShardSpec
 
@@ -27,6 +28,7 @@ class Role(Protocol):
     role: str  # REPLICA_ROLE | ROUTER_ROLE | SHARD_ROLE
     index: int
     device: torch.device
+    meter: Meter  # counts host syncs and ops of the loop's messages, on request
 
     @property
     def experts(self) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ from cluster.dataplane.names import ENGINE, ROUTER_ROLE, replica_name, shard_nam
 from cluster.telemetry import ExpertLoad, RouterStats
 from cluster.dataplane.transport import Endpoint
 from model_shards.moe import route
+from model_shards.syncs import Meter
 from model_shards.weights import load_routers, move_to, prepare, warm_up
 
 
@@ -51,6 +52,7 @@ class Router:
         self._lock = threading.Lock()  # the window is read by expert_load on another thread
         self.route_s = 0.0  # see RouterStats
         self._comm_s = 0.0  # sends and receives inside the current unit, not counted as routing
+        self.meter = Meter()  # host syncs and ops per step, counted on request (bench, tests)
 
     def reset(self) -> None:
         """Routing state is per step; nothing to forget."""
@@ -110,7 +112,9 @@ class Router:
 
     def serve(self, ep: Endpoint) -> None:
         while True:
-            self.run(ep.recv(ENGINE), ep)
+            header = ep.recv(ENGINE)
+            with self.meter.measure():
+                self.run(header, ep)
 
     def run(self, header: RouterStep, ep: Endpoint) -> None:
         """Units (layer, m) in the replicas' own order (messages.py): the m-th micro-batch of every

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cluster.config import ShardSpec, actor_device
@@ -25,6 +26,7 @@ from cluster.dataplane.transport import Endpoint
 from model_shards.checkpoint import Checkpoint
 from model_shards.expert_slots import read_slots, restack
 from model_shards.moe import fused_rows, fuses_here, run_experts
+from model_shards.syncs import Meter, host_list, host_numpy
 from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare, warm_up
 
 
@@ -58,6 +60,7 @@ class ExpertShard:
         self.staged: Holding | None = None
         self._staging = threading.Lock()  # one stage at a time
         self.step = Histogram()  # compute time per request (one layer of one micro-batch)
+        self.meter = Meter()  # host syncs and ops per step, counted on request (bench, tests)
 
     def _ready(self, h: Holding) -> Holding:
         move_to(h.weights, self.device)
@@ -120,10 +123,10 @@ class ExpertShard:
         d, w = self.device, self.current.weights[req.layer]
         x, token_index, slots = req.x.to(d, self.dtype), req.token_index.to(d), req.expert_slots.to(d)
         gates = req.gates.to(d)
-        counts = req.counts.tolist()  # assignments are token-major: one run per replica
+        counts = host_list(req.counts)  # assignments are token-major: one run per replica
         summed = fuses_here(w, x.shape[0], req.active)
         if summed:  # one row per token: each replica's tokens are a run of x's rows too
-            ends = token_index[torch.tensor(counts).cumsum(0).sub_(1).to(d)].tolist()  # last row of each run
+            ends = host_numpy(req.token_index)[np.cumsum(counts) - 1].tolist()  # last row of each run (host)
             parts = torch.split(fused_rows(x, token_index, slots, gates, w, self.config),
                                 [b - a for a, b in zip([-1, *ends[:-1]], ends)])
         else:
@@ -132,11 +135,14 @@ class ExpertShard:
         self.step.observe(elapsed)
         self.assignments += req.expert_slots.shape[0]
         return [(r, ShardResult(req.step_id, req.layer, req.micro, part, elapsed, summed))
-                for r, part in zip(req.replicas.tolist(), parts)]
+                for r, part in zip(host_list(req.replicas), parts)]
 
     def serve(self, ep: Endpoint) -> None:
         while True:
-            for r, part in self.compute(ep.recv(ROUTER)):
+            request = ep.recv(ROUTER)
+            with self.meter.measure():
+                answers = self.compute(request)
+            for r, part in answers:
                 ep.send(replica_name(r), part)
 
     def stats(self) -> ShardStats:

@@ -36,6 +36,11 @@ class DecodeRow:
     router_us_per_layer: float | None = None  # the router's own compute (routing, dispatch, combine)
     shard_us_per_layer: float | None = None  # the slowest shard's compute
     shard_imbalance: float | None = None  # cluster: busiest shard's routed load over the mean, timed steps
+    # one more decode step, counted (syncs.py): the most host syncs any one process made in it, and
+    # kernel-launching ops per layer summed over the processes; per process, its syncs
+    host_syncs_per_step: int | None = None
+    ops_per_layer: float | None = None
+    syncs_by_process: dict[str, int] | None = None
 
 
 def chunk_steps(seqs: list[tuple[int, int]], tokens: dict[int, list[int]], start: int, step_id: int,
@@ -71,13 +76,14 @@ def bench_decode(ex: Executor, label: str, batch_sizes: list[int], input_len: in
 
 
 def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup: int, step_id: int) -> DecodeRow:
-    """Prefill `prompts` in one step, decode `warmup` steps, then time `steps` steps; release them."""
+    """Prefill `prompts` in one step, decode `warmup` steps, time `steps` steps, count one more
+    (Executor.counted); release them."""
     cfg, spec, b, input_len = ex.config, ex.kv, len(prompts), len(prompts[0])
     seqs = [(step_id + i, i % ex.num_replicas) for i in range(b)]  # round-robin over replicas
     kv = [ReplicaKV(spec.num_blocks, spec.sliding_blocks(cfg.sliding_window), spec.block_size,
                     cfg.sliding_window, caching=False) for _ in range(ex.num_replicas)]
     for s, r in seqs:
-        kv[r].admit(s, [], 0, input_len + warmup + steps + 1)
+        kv[r].admit(s, [], 0, input_len + warmup + steps + 2)
     start = time.perf_counter()
     results = ex.execute(chunk_steps(seqs, {s: p for (s, _), p in zip(seqs, prompts)}, 0, step_id, kv))
     prefill = time.perf_counter() - start
@@ -97,8 +103,14 @@ def _run(ex: Executor, label: str, prompts: list[list[int]], steps: int, warmup:
         computes.append(least.compute_s)
         last = {s.seq_id: [s.token] for r in results.values() for s in r.sampled}
     after = ex.stats().router
+    step_id += 1
+    results, counts = ex.counted(chunk_steps(seqs, last, input_len + warmup + steps, step_id, kv))
     ex.execute(release_steps(seqs, step_id + 1))
-    return _row(label, b, prefill, times, waits, shard_s, computes, before, after, cfg.num_hidden_layers)
+    row = _row(label, b, prefill, times, waits, shard_s, computes, before, after, cfg.num_hidden_layers)
+    row.syncs_by_process = {name: c.syncs for name, c in counts.items()}
+    row.host_syncs_per_step = max(row.syncs_by_process.values())
+    row.ops_per_layer = sum(c.ops for c in counts.values()) / cfg.num_hidden_layers
+    return row
 
 
 def _row(label: str, batch: int, prefill: float, times: list[float], waits: list[float], shard_s: list[float],

@@ -67,7 +67,7 @@ def _us(value: float | None) -> str:
 def report(rows: list[DecodeRow], hops: list[HopRow], extra: DecodeReport) -> str:
     header = (f"{'engine':<12} {'batch':>5} {'prefill ms':>11} {'step ms p50':>12} {'step ms p90':>12} "
               f"{'tokens/s':>9} {'moe wait us/layer':>18} {'replica':>8} {'router':>7} {'shard':>7} {'data plane us/layer':>20} "
-              f"{'shard imbalance':>16}")
+              f"{'shard imbalance':>16} {'syncs/step':>10} {'ops/layer':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.engine:<12} {r.batch_size:>5} {r.prefill_ms:>11.1f} {r.step_ms_p50:>12.2f} "
@@ -75,7 +75,9 @@ def report(rows: list[DecodeRow], hops: list[HopRow], extra: DecodeReport) -> st
                      f"{_us(r.replica_us_per_layer):>8} "
                      f"{_us(r.router_us_per_layer):>7} {_us(r.shard_us_per_layer):>7} "
                      f"{_us(r.data_plane_us_per_layer):>20} "
-                     f"{'-' if r.shard_imbalance is None else f'{r.shard_imbalance:.2f}':>16}")
+                     f"{'-' if r.shard_imbalance is None else f'{r.shard_imbalance:.2f}':>16} "
+                     f"{'-' if r.host_syncs_per_step is None else r.host_syncs_per_step:>10} "
+                     f"{'-' if r.ops_per_layer is None else f'{r.ops_per_layer:.0f}':>9}")
     if hops:
         lines += ["", f"{'hop rows':>8} {'bytes':>10} {'raw one-way us':>15} {'framed one-way us':>18} "
                       f"{'raw 3-hop layer path us':>24}"]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cluster.dataplane.messages import MoeRequest, MoeRoute, ShardRequest, ShardResult
+from model_shards.syncs import host_numpy
 
 FAST_TYPES = (MoeRequest, ShardRequest, MoeRoute, ShardResult)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool,
@@ -71,7 +72,7 @@ def host_array(t: torch.Tensor) -> np.ndarray:
     tensor (the usual case), else of a host copy. bf16 has no numpy type: it travels as int16."""
     if not t.is_cpu or t.requires_grad or not t.is_contiguous():
         t = t.detach().to("cpu").contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+    return host_numpy(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
 def _tensor(data: bytearray, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from model_shards.capabilities import cpu_features
 from model_shards.config import GptOssConfig
 from model_shards.kv_cache import KVCache
 from model_shards.moe import moe_block
+from model_shards.syncs import DispatchCount, count_dispatch
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class Executor(ABC):
 
     def enter_thread(self) -> None:
         """Called by the thread that will run execute() (the engine's loop), before its first step."""
+
+    @abstractmethod
+    def counted(self, steps: dict[int, ReplicaStep]) -> tuple[dict[int, StepResult], dict[str, DispatchCount]]:
+        """execute(steps), counting the host syncs and ops of each process that computes (syncs.py):
+        -> the results and, per process ("local", or the actors' data-plane names), what it dispatched. For benchmarks and tests: counting slows every op down."""
 
     def shutdown(self) -> None:
         """Release actors and resources."""
@@ -126,6 +132,11 @@ class LocalExecutor(Executor):
             out[replica] = StepResult(step.step_id, replica, sampled, time.perf_counter() - start, 0.0,
                                       self.core.usage())
         return out
+
+    def counted(self, steps: dict[int, ReplicaStep]) -> tuple[dict[int, StepResult], dict[str, DispatchCount]]:
+        with count_dispatch() as count:
+            results = self.execute(steps)
+        return results, {"local": count}
 
     def recover(self) -> None:
         self.core.reset()

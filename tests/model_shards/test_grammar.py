@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from model_shards import grammar
+from model_shards import grammar, token_mask
 from model_shards.tokenizer import CALL, END, RETURN, encode
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
@@ -25,7 +25,7 @@ def accepts(text: str, tokens: list[int]) -> bool:
 
 
 def allowed_ids(words: torch.Tensor) -> list[int]:
-    return torch.nonzero(grammar.allowed(words, 201088)).view(-1).tolist()
+    return torch.nonzero(token_mask.allowed(words, 201088)).view(-1).tolist()
 
 
 @pytest.fixture(autouse=True)
@@ -96,11 +96,11 @@ def test_a_refused_token_leaves_only_stop_tokens() -> None:
 
 def test_bit_words_round_trip_and_mask_rows() -> None:
     ids = [0, 31, 32, 63, 200002, 201087]
-    words = grammar.bits_of(ids, 201088)
+    words = token_mask.bits_of(ids, 201088)
     assert words.dtype == torch.int32 and words.numel() == 201088 // 32
     assert allowed_ids(words) == ids
     row = torch.zeros(201088)
-    grammar.apply_mask(row, words)
+    token_mask.apply_mask(row, words)
     assert torch.isfinite(row).nonzero().view(-1).tolist() == ids
 
 
