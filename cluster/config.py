@@ -74,6 +74,8 @@ class EngineConfig:
     prefix_caching: bool = option(True, "reuse the KV of prompt prefixes that earlier requests computed")
     threads: int | None = option(None, "torch threads of the local engine (default: every core of the machine; "
                                        "cluster actors use --cpus-per-actor)", ge=1)
+    enforce_eager: bool = option(False, "no CUDA graphs: the local engine on CUDA otherwise captures its decode "
+                                        "step once per batch-size bucket and replays it")
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -61,7 +61,7 @@ def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor
     args = args.resolved()
     source = args.model.source()
     if args.engine.engine == "local":
-        return LocalExecutor(source, args.engine.kv, args.engine.threads)
+        return LocalExecutor(source, args.engine.kv, args.engine.threads, args.engine.enforce_eager)
     from cluster.actors.cluster_executor import ClusterExecutor  # imports ray: only when asked for
 
     return ClusterExecutor(source, args.cluster, args.engine.kv, ray_address)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from model_shards.batch import StepLayout, to_device
+from model_shards.batch import SeqChunk, StepLayout, to_device
 from model_shards.config import GptOssConfig
 from model_shards.flash import aligned
 
@@ -32,6 +33,9 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     element on CPU, about three times slower for a decode batch's gather: docs/measurements.md)."""
     flat = table.reshape(table.shape[0], -1)  # a view: cache tensors are contiguous
     return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, *table.shape[1:])
+
+
+RowsFn = Callable[..., torch.Tensor]  # (chunk index [*], position [*], end=None) -> cache rows [*]
 
 
 class KVCacheFull(RuntimeError):
@@ -95,9 +99,12 @@ class KVCache:
         self.device = torch.device(device)
         self.k: list[torch.Tensor] = []  # per layer [rows, nkv, d]
         self.v: list[torch.Tensor] = []
+        # one block more per pool than the tables can name: the scratch rows that the padding rows of
+        # a static decode batch (decode_graph.py) write and read, so that they touch no sequence's keys
+        self.scratch_full, self.scratch_slide = num_blocks * block_size, sliding_blocks * block_size
         for layer in range(cfg.num_hidden_layers):
             blocks = sliding_blocks if cfg.is_sliding(layer) else num_blocks
-            shape = (blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+            shape = ((blocks + 1) * block_size, cfg.num_key_value_heads, cfg.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.tables: dict[int, SeqTables] = {}
@@ -134,14 +141,13 @@ class KVCache:
         return len(self._refs) / self.num_blocks
 
     # -- one step --------------------------------------------------------------------------------
-    def view(self, layout: StepLayout) -> StepKV:
-        """The step's index tensors, computed on the host from the tables and the chunks' integers
-        (nothing is read back from the device) and copied to the device at once (batch.to_device).
-        Key lengths are padded to the kernels' alignment (flash.aligned) with masked rows."""
+    def _rows_of(self, chunks: tuple[SeqChunk, ...]) -> tuple[RowsFn, RowsFn]:
+        """The chunks' tables (host) -> functions (chunk index [*], position [*]) -> full / sliding
+        rows [*] (sliding: 0 below position 0, and from `end` on when given: alignment padding)."""
         bs, w = self.block_size, self.window
-        width = max(self._blocks(c.start + c.length) for c in layout.chunks)
+        width = max(self._blocks(c.start + c.length) for c in chunks)
         full, slide, slide_base = [], [], []
-        for chunk in layout.chunks:
+        for chunk in chunks:
             t = self.tables.get(chunk.seq_id)
             end = chunk.start + chunk.length
             if t is None or len(t.full) < self._blocks(end):
@@ -153,33 +159,68 @@ class KVCache:
             if -1 in row:  # every one of them holds positions >= 0 that this chunk reads or writes
                 raise KVCacheFull("a sequence's sliding-window table lacks a block this step reads or writes")
             slide.append(row)
-        full_table = torch.tensor(full, dtype=torch.long)  # [S, blocks] (host, like everything below)
+        full_table = torch.tensor(full, dtype=torch.long)  # [S, blocks]
         slide_width = max(len(row) for row in slide)
         slide_table = torch.tensor([row + [0] * (slide_width - len(row)) for row in slide], dtype=torch.long)
         base = torch.tensor(slide_base, dtype=torch.long)  # [S]
 
-        def full_rows(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return full_table[seq, pos // bs] * bs + pos % bs
+        def full_rows(seq: torch.Tensor, pos: torch.Tensor, end: int | None = None) -> torch.Tensor:
+            """(Past the tables' width: padding, which the caller masks.)"""
+            return full_table[seq, (pos // bs).clamp(max=width - 1)] * bs + pos % bs
 
         def slide_rows(seq: torch.Tensor, pos: torch.Tensor, end: int | None = None) -> torch.Tensor:
-            """0 where pos < 0 (and from `end` on: alignment padding)."""
             blocks = slide_table[seq, (pos.clamp(min=0) // bs - base[seq]).clamp(min=0, max=slide_width - 1)]
             rows = (blocks * bs + pos % bs) * (pos >= 0)
             return rows if end is None else rows * (pos < end)
 
+        return full_rows, slide_rows
+
+    def decode_host(self, chunks: tuple[SeqChunk, ...], batch: int | None = None,
+                    length: int | None = None) -> list[torch.Tensor]:
+        """Host index tensors of G one-token chunks, padded to `batch` rows (default G) and `length`
+        full-attention keys (default: aligned(longest)): write rows [B] full and sliding, full rows
+        [B, L] and which are keys [B, L], sliding rows [B, W] and which are keys [B, W]. A padding
+        row writes and reads the scratch rows only (one key seen: no row without any)."""
+        g, w = len(chunks), self.window
+        b = g if batch is None else batch
+        ends = torch.tensor([c.start + 1 for c in chunks], dtype=torch.long)  # [G]
+        lf = aligned(int(max(c.start + 1 for c in chunks))) if length is None else length
+        if b < g or lf < max(c.start + 1 for c in chunks):
+            raise ValueError(f"{g} decode rows up to position {lf} do not fit {b} rows of {lf} keys")
+        full_rows, slide_rows = self._rows_of(chunks)
+        seq, pos = torch.arange(g), ends - 1
+        kpos = torch.arange(lf)[None, :].expand(g, lf)  # [G, Lf]
+        spos = ends[:, None] - w + torch.arange(w)[None, :]  # [G, W]
+        full_seen, slide_seen = kpos < ends[:, None], spos >= 0
+        out = [full_rows(seq, pos), slide_rows(seq, pos), full_rows(seq[:, None].expand_as(kpos), kpos) * full_seen,
+               full_seen, slide_rows(seq[:, None].expand_as(spos), spos), slide_seen]
+        if b == g:
+            return out
+        pad = b - g
+        first = torch.arange(max(lf, w)) == 0  # [*] only column 0 seen
+        fill = [torch.full((pad,), self.scratch_full), torch.full((pad,), self.scratch_slide),
+                torch.full((pad, lf), self.scratch_full), first[:lf].expand(pad, lf),
+                torch.full((pad, w), self.scratch_slide), first[:w].expand(pad, w)]
+        return [torch.cat((a, p)) for a, p in zip(out, fill)]
+
+    def view(self, layout: StepLayout) -> StepKV:
+        """The step's index tensors, computed on the host from the tables and the chunks' integers
+        (nothing is read back from the device) and copied to the device at once (batch.to_device).
+        Key lengths are padded to the kernels' alignment (flash.aligned) with masked rows."""
+        w = self.window
+        full_rows, slide_rows = self._rows_of(layout.chunks)
         lengths = [c.length for c in layout.chunks]
         seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], dtype=torch.long)  # [T]
         positions = torch.tensor([c.start + j for c in layout.chunks for j in range(c.length)], dtype=torch.long)
         decode = [i for i, n in enumerate(lengths) if n == 1]
-        dec = torch.tensor(decode, dtype=torch.long)  # [G] chunk index
-        ends = torch.tensor([layout.chunks[i].start + 1 for i in decode], dtype=torch.long)  # [G]
-        lf = aligned(max((layout.chunks[i].start + 1 for i in decode), default=0))
-        kpos = torch.arange(lf)[None, :].expand(len(decode), lf)  # [G, Lf]
-        spos = ends[:, None] - w + torch.arange(w)[None, :]  # [G, W]
+        if decode:
+            dec = self.decode_host(tuple(layout.chunks[i] for i in decode))
+        else:
+            dec = [torch.zeros(0, dtype=torch.long)] * 2 + [torch.zeros(0, 8, dtype=torch.long)] * 2 + \
+                  [torch.zeros(0, w, dtype=torch.long)] * 2
         host = [full_rows(seq, positions), slide_rows(seq, positions),
                 torch.tensor([layout.first[i] for i in decode], dtype=torch.long),  # a one-token chunk's token
-                full_rows(dec[:, None].expand_as(kpos), kpos) * (kpos < ends[:, None]), kpos < ends[:, None],
-                slide_rows(dec[:, None].expand_as(spos), spos), spos >= 0]
+                dec[2], dec[3].bool(), dec[4], dec[5].bool()]
         prefill = [(i, c) for i, c in enumerate(layout.chunks) if c.length > 1]
         for i, c in prefill:
             index = torch.full((c.start + c.length,), i, dtype=torch.long)
@@ -190,10 +231,10 @@ class KVCache:
         chunks = [ChunkKV(layout.first[i], c.start, c.length, dev[7 + 2 * n], dev[8 + 2 * n])
                   for n, (i, c) in enumerate(prefill)]
         return StepKV(full_write_rows=dev[0], slide_write_rows=dev[1], decode_tokens=dev[2],
-                      decode_full_rows=dev[3], decode_full_bias=self._bias(dev[4]),
-                      decode_slide_rows=dev[5], decode_slide_bias=self._bias(dev[6]), chunks=chunks)
+                      decode_full_rows=dev[3], decode_full_bias=self.bias(dev[4]),
+                      decode_slide_rows=dev[5], decode_slide_bias=self.bias(dev[6]), chunks=chunks)
 
-    def _bias(self, seen: torch.Tensor) -> torch.Tensor:
+    def bias(self, seen: torch.Tensor) -> torch.Tensor:
         """[G, L] bool -> [G, 1, 1, L] additive mask in the cache's dtype."""
         bias = torch.zeros(seen.shape, dtype=self.k[0].dtype, device=self.device)
         return bias.masked_fill_(~seen, float("-inf"))[:, None, None, :]

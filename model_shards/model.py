@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model_shards.attention import attention_block
 from model_shards.batch import StepLayout
-from model_shards.kv_cache import KVCache
+from model_shards.kv_cache import KVCache, StepKV
 from model_shards.moe import moe_block
 from model_shards.norm import rms_norm
 from model_shards.rope import Rope
@@ -58,27 +58,38 @@ class GptOssModel:
     def forward(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache,
                 moe: MoeFn | None = None) -> torch.Tensor:
         """token_ids [T] -> logits [R, V] fp32 for the last token of each sampled chunk (plan_step)."""
-        moe = moe or self.local_moe
-        layers = self.layers(token_ids, layout, kv)
-        request = next(layers)
-        while True:
-            try:
-                request = layers.send(moe(*request))
-            except StopIteration as done:
-                return done.value.to(torch.float32)
+        return drive(self.layers(token_ids, layout, kv), moe or self.local_moe)
 
-    @torch.inference_mode()
-    def layers(self, token_ids: torch.Tensor, layout: StepLayout,
-               kv: KVCache) -> Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def layers(self, token_ids: torch.Tensor, layout: StepLayout, kv: KVCache) -> Layers:
         """`forward` as a generator, for callers that interleave several batches (a replica's
         micro-batches): yields (layer, t [T, H]) where the MoE block's input is ready, takes its output
         [T, H] back, and returns the logits (in the model dtype: `unembed`)."""
+        return self.layers_from(token_ids, layout.positions, layout.last_token, kv, kv.view(layout))
+
+    @torch.inference_mode()
+    def layers_from(self, token_ids: torch.Tensor, positions: torch.Tensor, last_token: torch.Tensor, kv: KVCache,
+                    kv_view: StepKV) -> Layers:
+        """`layers` from the step's device tensors (token_ids, positions [T], last_token [R]) and its
+        cache view: what a static decode step (decode_graph.py) runs from its buffers."""
         cfg, w = self.config, self.weights
-        cos, sin = self.rope.cos_sin(layout.positions, self.dtype)  # [T, d/2]
-        kv_view = kv.view(layout)
+        cos, sin = self.rope.cos_sin(positions, self.dtype)  # [T, d/2]
         x = embed(token_ids, w.globals)  # [T, H]
         for layer in range(cfg.num_hidden_layers):
             attn = w.attention[layer]
             x = attention_block(x, attn, cfg, layer, cos, sin, kv, kv_view)
             x = x + (yield layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
-        return unembed(x[layout.last_token], w.globals, cfg.rms_norm_eps)
+        return unembed(x[last_token], w.globals, cfg.rms_norm_eps)
+
+
+Layers = Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]  # GptOssModel.layers
+
+
+@torch.inference_mode()
+def drive(layers: Layers, moe: MoeFn) -> torch.Tensor:
+    """Runs a layer generator with the MoE computed by `moe` -> its logits [R, V] in fp32."""
+    request = next(layers)
+    while True:
+        try:
+            request = layers.send(moe(*request))
+        except StopIteration as done:
+            return done.value.to(torch.float32)

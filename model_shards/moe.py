@@ -255,13 +255,16 @@ def fused_experts(t: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
 
 
 def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cfg: GptOssConfig,
-              counts: torch.Tensor | None = None) -> torch.Tensor:
+              counts: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
     """t [T, H] (already normed) -> MoE output [T, H], with every expert in one place. `counts`
-    [E] (long, on t's device), when given, is incremented by the tokens routed to each expert."""
+    [E] (long, on t's device), when given, is incremented by the tokens routed to each expert (only
+    by the rows where `real` [T] is 1, when given: a static batch's padding rows are not tokens)."""
     k = cfg.experts_per_token
     expert_ids, gates = route(t, router, k)  # [T, K]
     if counts is not None:
-        counts += expert_counts(expert_ids.flatten(), cfg.num_experts)
+        ids = expert_ids.flatten()
+        weight = torch.ones_like(ids) if real is None else real.repeat_interleave(k)
+        counts.index_add_(0, ids, weight)
     if fuses_well(experts, t.shape[0], round(likely_active(t.shape[0], k, experts.count))):
         return fused_experts(t, expert_ids, gates, experts, cfg)
     token_index = torch.arange(t.shape[0], device=t.device).repeat_interleave(k)  # [T*K]

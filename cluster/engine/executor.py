@@ -22,6 +22,7 @@ from cluster.config import KVSpec, ModelSource
 from cluster.dataplane.messages import ActorInfo, ReplicaStep, StepResult
 from cluster.engine.replica_core import ReplicaCore
 from cluster.engine.step import run_replica_step
+from model_shards.decode_graph import StaticDecoder
 from cluster.telemetry import ExecutorStats, Histogram, ReplicaStats, RouterStats, ShardStats
 from model_shards.capabilities import cpu_features
 from model_shards.config import GptOssConfig
@@ -76,10 +77,13 @@ class Executor(ABC):
     def enter_thread(self) -> None:
         """Called by the thread that will run execute() (the engine's loop), before its first step."""
 
-    @abstractmethod
     def counted(self, steps: dict[int, ReplicaStep]) -> tuple[dict[int, StepResult], dict[str, DispatchCount]]:
         """execute(steps), counting the host syncs and ops of each process that computes (syncs.py):
-        -> the results and, per process ("local", or the actors' data-plane names), what it dispatched. For benchmarks and tests: counting slows every op down."""
+        -> the results and, per process ("local", or the actors' data-plane names), what it dispatched.
+        For benchmarks and tests: counting slows every op down. By default the step computes here."""
+        with count_dispatch() as count:
+            results = self.execute(steps)
+        return results, {"local": count}
 
     def shutdown(self) -> None:
         """Release actors and resources."""
@@ -89,7 +93,11 @@ class LocalExecutor(Executor):
     """The whole model in this process: one replica core (replica_core.py) that also holds every
     expert, so the MoE block of each layer is computed in process."""
 
-    def __init__(self, source: ModelSource, kv: KVSpec, threads: int | None = None) -> None:
+    def __init__(self, source: ModelSource, kv: KVSpec, threads: int | None = None, enforce_eager: bool = False,
+                 static_decode: bool | None = None) -> None:
+        """Decode-only steps run from static buffers and, on CUDA, as CUDA graphs (decode_graph.py),
+        unless `enforce_eager`. `static_decode` forces the static buffers on or off (default: on
+        where graphs are captured, that is CUDA; elsewhere they gain nothing)."""
         # Inside a Ray actor (a Serve replica) OMP_NUM_THREADS is the actor's CPU count, 1 by default:
         # the local engine computes with the threads it is given, or every core.
         self.threads = threads or os.cpu_count() or 1
@@ -105,6 +113,9 @@ class LocalExecutor(Executor):
                                          device=self.model.device)
         self.moe_time = Histogram()  # the single "shard": every expert, in this process
         self.recoveries = 0
+        graphs = not enforce_eager and self.model.device.type == "cuda"
+        use_static = graphs if static_decode is None else static_decode
+        self.decoder = StaticDecoder(self.model, self._moe, graphs) if use_static else None
 
     @property
     def cache(self) -> KVCache:
@@ -113,10 +124,12 @@ class LocalExecutor(Executor):
     def enter_thread(self) -> None:
         torch.set_num_threads(self.threads)  # OpenMP's thread count is a per-thread setting
 
-    def _moe(self, layer: int, t: torch.Tensor) -> torch.Tensor:
+    def _moe(self, layer: int, t: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """`real` [T]: which rows are tokens (a static decode batch's padding is not counted). Inside
+        a CUDA graph this runs at capture only: the MoE time is then observed there, not per step."""
         start = time.perf_counter()
         w = self.model.weights
-        y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens[layer])
+        y = moe_block(t, w.routers[layer], w.experts[layer], self.config, self.expert_tokens[layer], real)
         self.moe_time.observe(time.perf_counter() - start)
         return y
 
@@ -125,7 +138,8 @@ class LocalExecutor(Executor):
         for replica, step in steps.items():
             start = time.perf_counter()
             try:
-                sampled = run_replica_step(self.model, self.core.cache, step, self._moe, self.core.histories)
+                sampled = run_replica_step(self.model, self.core.cache, step, self._moe, self.core.histories,
+                                           self.decoder)
             except Exception as exc:  # KVCacheFull, out of memory, a bug: the step is lost, as with a dead actor
                 log.warning("local step %d failed", step.step_id, exc_info=exc)
                 raise ExecutorFailure(f"the step failed: {type(exc).__name__}: {exc}") from exc
@@ -133,13 +147,10 @@ class LocalExecutor(Executor):
                                       self.core.usage())
         return out
 
-    def counted(self, steps: dict[int, ReplicaStep]) -> tuple[dict[int, StepResult], dict[str, DispatchCount]]:
-        with count_dispatch() as count:
-            results = self.execute(steps)
-        return results, {"local": count}
-
     def recover(self) -> None:
         self.core.reset()
+        if self.decoder is not None:
+            self.decoder.reset()  # its buffers and graphs were bound to the old cache
         self.recoveries += 1
 
     def topology(self) -> list[ActorInfo]:

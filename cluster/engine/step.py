@@ -9,18 +9,18 @@ router, in micro-batches), so both engines take exactly the same path around the
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Generator
+from typing import Callable
 
 import torch
 
 from cluster.dataplane.messages import ChunkPlan, ReplicaStep, Sampled
 from model_shards.batch import SeqChunk, plan_step, to_device
+from model_shards.decode_graph import StaticDecoder
 from model_shards.kv_cache import KVCache
 from model_shards.logits import Histories
-from model_shards.model import GptOssModel, MoeFn
+from model_shards.model import GptOssModel, Layers, MoeFn
 from model_shards.sampling import sample
 
-Layers = Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]  # GptOssModel.layers
 SendFn = Callable[[int, int, torch.Tensor], None]  # (layer, micro-batch, t [T, H]): the MoE input leaves
 RecvFn = Callable[[int, int], torch.Tensor]  # (layer, micro-batch) -> the MoE output [T, H]
 
@@ -97,10 +97,12 @@ def sample_chunks(logits: torch.Tensor, step: ReplicaStep, histories: Histories)
 
 
 def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: MoeFn | None = None,
-                     histories: Histories | None = None) -> list[Sampled]:
+                     histories: Histories | None = None, decoder: StaticDecoder | None = None) -> list[Sampled]:
     """The whole step as one batch, the MoE by `moe(layer, t)` in the caller's process (the local
-    executor). `histories`: the replica's penalty histories (kept beside its KV cache, forgotten with it)."""
+    executor). `histories`: the replica's penalty histories (kept beside its KV cache, forgotten with it).
+    `decoder`: runs decode-only steps from its static buffers (and CUDA graphs)."""
     compute = moe or model.local_moe
+    histories = histories if histories is not None else Histories()
     inputs: dict[int, torch.Tensor] = {}
 
     def send(layer: int, m: int, t: torch.Tensor) -> None:
@@ -109,8 +111,12 @@ def run_replica_step(model: GptOssModel, kv: KVCache, step: ReplicaStep, moe: Mo
     def recv(layer: int, m: int) -> torch.Tensor:
         return compute(layer, inputs.pop(m))
 
-    return run_micro_batched(model, kv, dataclasses.replace(step, micro_batches=1), send, recv,
-                             histories if histories is not None else Histories())
+    prepare(kv, step, histories)
+    seqs = [SeqChunk(c.seq_id, c.start, len(c.token_ids)) for c in step.chunks]
+    if decoder is not None and all(c.sample for c in step.chunks) and decoder.accepts(seqs):
+        logits = decoder.run(kv, seqs, [c.token_ids[0] for c in step.chunks])
+        return sample_chunks(logits, step, histories)
+    return run_prepared(model, kv, dataclasses.replace(step, micro_batches=1), send, recv, histories)
 
 
 def run_micro_batched(model: GptOssModel, kv: KVCache, step: ReplicaStep, send: SendFn, recv: RecvFn,
@@ -118,6 +124,12 @@ def run_micro_batched(model: GptOssModel, kv: KVCache, step: ReplicaStep, send: 
     """The step in `step.micro_batches` groups whose MoE input leaves by `send` and whose output comes
     back by `recv` (the attention replica: through the router and the shards)."""
     prepare(kv, step, histories)
+    return run_prepared(model, kv, step, send, recv, histories)
+
+
+def run_prepared(model: GptOssModel, kv: KVCache, step: ReplicaStep, send: SendFn, recv: RecvFn,
+                 histories: Histories) -> list[Sampled]:
+    """run_micro_batched once the step's tables and histories are taken (prepare)."""
     if not step.chunks:
         return []
     groups = [group_layers(model, kv, g) for g in micro_batches(step.chunks, step.micro_batches)]

@@ -1,0 +1,159 @@
+"""Decode steps from static buffers, captured as CUDA graphs.
+
+A decode step launches a few hundred small kernels (syncs.py counts them); replaying them as one CUDA
+graph removes the host's launch cost, which otherwise dominates a small batch's step on a GPU. A
+graph replays fixed tensors with fixed shapes, so a decode-only step runs here from buffers made
+once per (batch bucket, key bucket): the step's inputs (token ids, positions, the KV rows to write
+and to read and which of them are keys) are built on the host, copied once, and written into the
+buffers; padding rows write and read the cache's scratch rows only (kv_cache.decode_host). On CUDA
+each bucket's forward pass is captured once and replayed; elsewhere (and with --enforce-eager) the
+same buffers run eagerly, which is how the CPU tests it against the ordinary step. Prefill and
+mixed steps stay eager (model.layers).
+
+A bucket that cannot be captured (an op that reads the device on the host, such as the MXFP4
+experts' per-expert loop) runs eagerly from then on, with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from model_shards.batch import SeqChunk, to_device
+from model_shards.kv_cache import KVCache, StepKV
+from model_shards.model import GptOssModel, drive
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_KEYS = 128  # the smallest key bucket; above it, powers of two
+
+
+def batch_bucket(n: int) -> int | None:
+    """The static batch size that holds n decode rows (None: more than the largest bucket)."""
+    return next((b for b in BATCH_BUCKETS if b >= n), None)
+
+
+def key_bucket(n: int) -> int:
+    """The static number of full-attention keys that holds n (a multiple of flash.ALIGN)."""
+    return max(MIN_KEYS, 1 << (n - 1).bit_length())
+
+
+@dataclass
+class DecodeBuffers:
+    """One bucket's inputs on the device: B rows, L full-attention keys, W sliding keys."""
+
+    token_ids: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B]
+    real: torch.Tensor  # [B] long: 1 for a sequence's row, 0 for padding (what the routed-token counts add)
+    rows: list[torch.Tensor]  # kv_cache.decode_host's six: write rows [B] x2, full rows/seen [B, L], sliding [B, W]
+    every_row: torch.Tensor  # [B] 0..B-1: each row is a decode token and is sampled
+
+    def load(self, host: list[torch.Tensor]) -> None:
+        """Host tensors in the order token_ids, positions, real, then the six rows -> the buffers (one
+        copy to the device, then device copies: the buffers' addresses never change)."""
+        own = [self.token_ids, self.positions, self.real, *self.rows]
+        for buffer, value in zip(own, to_device(host, self.token_ids.device)):
+            buffer.copy_(value)
+
+
+# (layer, t [B, H], real [B] 0/1) -> MoE output [B, H]: the MoE of a static batch, told which rows are
+# padding (they are computed like the others, but not counted as routed tokens)
+StaticMoeFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StaticDecoder:
+    """Runs decode-only steps of `model` (MoE by `moe`) from static buffers, with CUDA graphs when
+    `graphs` and the device is CUDA. Bound to one KV cache: its tensors are what the graphs read."""
+
+    def __init__(self, model: GptOssModel, moe: StaticMoeFn, graphs: bool) -> None:
+        self.model, self.moe = model, moe
+        self.graphs = graphs and model.device.type == "cuda"
+        self.kv: KVCache | None = None
+        self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
+        self._replays: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self._pool = None  # one memory pool shared by every captured graph (they never run at once)
+
+    def reset(self) -> None:
+        """Forget every bucket (the cache they were bound to is gone)."""
+        self.kv, self._buffers, self._replays = None, {}, {}
+
+    def accepts(self, chunks: list[SeqChunk]) -> bool:
+        return bool(chunks) and all(c.length == 1 for c in chunks) and batch_bucket(len(chunks)) is not None
+
+    @torch.inference_mode()
+    def run(self, kv: KVCache, chunks: list[SeqChunk], token_ids: list[int]) -> torch.Tensor:
+        """G one-token chunks and their tokens -> logits [G, V] fp32 (of every chunk, in order)."""
+        if kv is not self.kv:
+            self.reset()
+            self.kv = kv
+        b = batch_bucket(len(chunks))
+        assert b is not None, "run() needs accepts()"
+        key = (b, key_bucket(max(c.start + 1 for c in chunks)))
+        host = kv.decode_host(tuple(chunks), *key)
+        pad = b - len(chunks)
+        ids = torch.tensor(list(token_ids) + [0] * pad, dtype=torch.long)
+        positions = torch.tensor([c.start for c in chunks] + [0] * pad, dtype=torch.long)
+        real = torch.tensor([1] * len(chunks) + [0] * pad, dtype=torch.long)
+        inputs = [ids, positions, real, *host]
+        buffers = self._buffers.get(key) or self._new_buffers(key, inputs)
+        buffers.load(inputs)
+        replay = self._replays.get(key)
+        if replay is None:
+            replay = self._prepare(key, buffers)
+        return replay()[:len(chunks)]
+
+    def _new_buffers(self, key: tuple[int, int], host: list[torch.Tensor]) -> DecodeBuffers:
+        dev = self.model.device
+        made = [torch.empty(t.shape, dtype=t.dtype, device=dev) for t in host]
+        buffers = DecodeBuffers(made[0], made[1], made[2], made[3:], torch.arange(key[0], device=dev))
+        self._buffers[key] = buffers
+        return buffers
+
+    def _forward(self, buffers: DecodeBuffers) -> torch.Tensor:
+        """The step from the buffers -> logits [B, V] fp32 (everything device-side: capturable)."""
+        kv = self.kv
+        assert kv is not None
+        full_write, slide_write, full_rows, full_seen, slide_rows, slide_seen = buffers.rows
+        view = StepKV(full_write_rows=full_write, slide_write_rows=slide_write, decode_tokens=buffers.every_row,
+                      decode_full_rows=full_rows, decode_full_bias=kv.bias(full_seen), decode_slide_rows=slide_rows,
+                      decode_slide_bias=kv.bias(slide_seen), chunks=[])
+        layers = self.model.layers_from(buffers.token_ids, buffers.positions, buffers.every_row, kv, view)
+        return drive(layers, lambda layer, t: self.moe(layer, t, buffers.real))
+
+    def _prepare(self, key: tuple[int, int], buffers: DecodeBuffers) -> Callable[[], torch.Tensor]:
+        """The bucket's way to run: eagerly from its buffers, or its captured graph's replay."""
+        def eager() -> torch.Tensor:
+            return self._forward(buffers)
+
+        replay: Callable[[], torch.Tensor] = eager
+        if self.graphs:
+            try:
+                replay = self._capture(buffers)
+            except Exception as exc:  # an op that cannot be captured: this bucket stays eager
+                log.warning("decode batch %d x %d keys runs without a CUDA graph: %s", *key, exc)
+        self._replays[key] = replay
+        return replay
+
+    def _capture(self, buffers: DecodeBuffers) -> Callable[[], torch.Tensor]:
+        # Warm up on a side stream first (lazy initialisations must not happen inside the capture), as
+        # torch.cuda.graphs documents; the buffers hold the current step's inputs, so the warm-up's
+        # cache writes are the step's own (rewritten identically by the replay).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._forward(buffers)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay
