@@ -10,8 +10,10 @@ each bucket's forward pass is captured once and replayed; elsewhere (and with --
 same buffers run eagerly, which is how the CPU tests it against the ordinary step. Prefill and
 mixed steps stay eager (model.layers).
 
-A bucket that cannot be captured (an op that reads the device on the host, such as the MXFP4
-experts' per-expert loop) runs eagerly from then on, with one warning.
+Graphs need a step that never reads the device on the host: bf16 dense experts (grouped matmuls).
+MXFP4 experts (decoded per expert) and float32 on CUDA loop over experts on the host, so those
+models run their static buffers eagerly; a bucket whose capture fails anyway runs eagerly from then
+on, with one warning.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from model_shards.batch import SeqChunk, to_device
 from model_shards.kv_cache import KVCache, StepKV
 from model_shards.model import GptOssModel, drive
+from model_shards.moe import uses_grouped_mm
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,12 @@ def batch_bucket(n: int) -> int | None:
 def key_bucket(n: int) -> int:
     """The static number of full-attention keys that holds n (a multiple of flash.ALIGN)."""
     return max(MIN_KEYS, 1 << (n - 1).bit_length())
+
+
+def capturable(model: GptOssModel) -> bool:
+    """Whether the model's decode step reads nothing back on the host (moe.uses_grouped_mm's experts)."""
+    probe = torch.empty(0, dtype=model.dtype, device=model.device)
+    return bool(model.weights.experts) and all(uses_grouped_mm(probe, e) for e in model.weights.experts)
 
 
 @dataclass
@@ -71,7 +80,7 @@ class StaticDecoder:
 
     def __init__(self, model: GptOssModel, moe: StaticMoeFn, graphs: bool) -> None:
         self.model, self.moe = model, moe
-        self.graphs = graphs and model.device.type == "cuda"
+        self.graphs = graphs and model.device.type == "cuda" and capturable(model)
         self.kv: KVCache | None = None
         self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
         self._replays: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}

@@ -61,8 +61,9 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     out = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)  # every row is written below
     if n == 0:
         return out
-    if uses_grouped_mm(x, w) or (n <= ROW_BLOCK and isinstance(w.gate_up, DenseStack) and not is_prepacked(w)
-                                 and isinstance(w.down, DenseStack) and x.dtype == w.gate_up.weight.dtype):
+    if uses_grouped_mm(x, w) or (x.device.type == "cpu" and n <= ROW_BLOCK and isinstance(w.gate_up, DenseStack)
+                                 and not is_prepacked(w) and isinstance(w.down, DenseStack)
+                                 and x.dtype == w.gate_up.weight.dtype):
         return grouped_experts(x, token_index, expert_ids, gates, w, cfg)
     order = torch.argsort(expert_ids, stable=True)  # [N] assignments grouped by expert
     experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
@@ -263,7 +264,7 @@ def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cf
     expert_ids, gates = route(t, router, k)  # [T, K]
     if counts is not None:
         ids = expert_ids.flatten()
-        weight = torch.ones_like(ids) if real is None else real.repeat_interleave(k)
+        weight = torch.ones_like(ids) if real is None else real[:, None].expand(-1, k).reshape(-1)
         counts.index_add_(0, ids, weight)
     if fuses_well(experts, t.shape[0], round(likely_active(t.shape[0], k, experts.count))):
         return fused_experts(t, expert_ids, gates, experts, cfg)

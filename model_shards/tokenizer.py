@@ -12,9 +12,12 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tiktoken
-from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
+
+if TYPE_CHECKING:  # imported where the chat encoding is first needed: a bare GPU machine has no openai-harmony
+    from openai_harmony import HarmonyEncoding
 
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
@@ -62,6 +65,8 @@ def tokenizer() -> tiktoken.Encoding:
 
 @functools.cache
 def harmony() -> HarmonyEncoding:
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
     try:
         return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
     except Exception as exc:  # openai-harmony raises its own HarmonyError or an OS error

@@ -37,6 +37,18 @@ def test_local_engine_on_the_gpu(tiny_hf: Path, cpu_tokens: list[list[int]]) -> 
 
 
 @pytest.mark.gpu
+def test_decode_graphs_give_the_eager_tokens(tiny_hf: Path) -> None:
+    """bf16 on CUDA: decode steps replay CUDA graphs (decode_graph.py) by default; --enforce-eager
+    runs the same steps eagerly: the same greedy tokens."""
+    source = ModelSource(str(tiny_hf), "bfloat16", device="cuda")
+    graphed = LocalExecutor(source, KV)
+    assert graphed.decoder is not None and graphed.decoder.graphs
+    tokens = greedy_tokens(Engine(graphed))
+    assert graphed.decoder._replays  # some bucket was captured
+    assert greedy_tokens(Engine(LocalExecutor(source, KV, enforce_eager=True))) == tokens
+
+
+@pytest.mark.gpu
 def test_cluster_with_fractional_gpus(ray_session, tiny_hf: Path, cpu_tokens: list[list[int]]) -> None:
     from cluster.actors.cluster_executor import ClusterExecutor
 

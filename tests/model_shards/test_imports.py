@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MATH = ["model_shards.model", "model_shards.attention", "model_shards.flash", "model_shards.moe",
         "model_shards.kv_cache", "model_shards.batch", "model_shards.sampling", "model_shards.draw",
         "model_shards.logits", "model_shards.weights", "model_shards.checkpoint", "model_shards.random_checkpoint",
-        "model_shards.syncs", "model_shards.token_mask", "model_shards.capabilities", "model_shards.decode_graph"]
-ABSENT = ["openai_harmony", "tiktoken", "llguidance", "ray", "pydantic", "fastapi", "starlette", "httpx"]
+        "model_shards.syncs", "model_shards.token_mask", "model_shards.capabilities", "model_shards.decode_graph",
+        "model_shards.tokenizer", "cluster.bench.device_check"]
+ABSENT = ["openai_harmony", "llguidance", "ray", "pydantic", "fastapi", "starlette", "httpx"]  # tiktoken is there
 
 BLOCKER = f"""
 import importlib.abc, sys
