@@ -124,6 +124,11 @@ class ClusterConfig:
                 "shared memory within a node, TCP between nodes; the others force one kind (gloo: "
                 "torch.distributed on CPU; nccl: fail rather than fall back)")
     ring_mb: int = option(8, "MiB per shared-memory channel (larger messages stream through it)", ge=1)
+    dispatch: Literal["auto", "host", "device"] = option(
+        "auto", "how the router hands decode-sized steps to the shards: device sends every shard the step's "
+                "rows and routing, which each selects on its device (no host read per layer: the GPU's way); "
+                "host plans each shard's rows on the host (fewer bytes: the CPU's way); auto: device when the "
+                "router has a GPU. Prefills always go the host's way (docs/gpu.md)")
     redundant_experts: int = option(0, "extra expert slots per layer, spread over the shards, each holding a copy of "
                                        "a hot expert once rebalancing has placed one (needs 2+ shards)", ge=0)
     eplb_interval: int = option(0, "steps between expert rebalances, computed from the recent routed counts "
@@ -232,6 +237,7 @@ class RouterSpec:
     window: int = 1000  # steps of per-expert counts kept for rebalancing
     use_gpu: bool = False
     max_rows: int = KVSpec.max_step_tokens  # tokens one request can carry (the engine's step budget): kernels warmed up to it
+    device_dispatch_rows: int = 0  # units of at most this many rows are dispatched on the device (0: never)
 
 
 @dataclass(frozen=True)

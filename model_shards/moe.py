@@ -61,9 +61,7 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     out = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)  # every row is written below
     if n == 0:
         return out
-    if uses_grouped_mm(x, w) or (x.device.type == "cpu" and n <= ROW_BLOCK and isinstance(w.gate_up, DenseStack)
-                                 and not is_prepacked(w) and isinstance(w.down, DenseStack)
-                                 and x.dtype == w.gate_up.weight.dtype):
+    if uses_grouped_mm(x, w) or (n <= ROW_BLOCK and groups_on_cpu(x, w)):
         return grouped_experts(x, token_index, expert_ids, gates, w, cfg)
     order = torch.argsort(expert_ids, stable=True)  # [N] assignments grouped by expert
     experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
@@ -102,20 +100,44 @@ def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
             and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
 
 
+def groups_on_cpu(x: torch.Tensor, w: ExpertWeights) -> bool:
+    """Dense experts on a CPU that does not prepack them: grouped matmuls run there at the per-expert
+    loop's speed (docs/measurements.md) and need no host sync."""
+    return (x.device.type == "cpu" and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+            and not is_prepacked(w) and x.dtype == w.gate_up.weight.dtype)
+
+
+def masked_experts(x: torch.Tensor, token_index: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor,
+                   w: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
+    """run_experts' contract for N assignments of which only those with slots >= 0 are w's (an
+    expert shard under the device's dispatch): slots [N] positions in w's stack or -1 -> [N, H] fp32,
+    exactly 0 where -1. Grouped, nothing is read on the host; elsewhere the rows are picked on the host."""
+    mine = slots >= 0  # [N]
+    if uses_grouped_mm(x, w) or (slots.shape[0] <= ROW_BLOCK and groups_on_cpu(x, w)):
+        return grouped_experts(x, token_index, slots + w.first, gates, w, cfg, mine)
+    keep = mine.nonzero().squeeze(1)  # a host read: the per-expert paths plan their rows on the host
+    out = torch.zeros(slots.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    out[keep] = run_experts(x, token_index[keep], slots[keep] + w.first, gates[keep], w, cfg)
+    return out
+
+
 def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                    w: ExpertWeights, cfg: GptOssConfig) -> torch.Tensor:
+                    w: ExpertWeights, cfg: GptOssConfig, mine: torch.Tensor | None = None) -> torch.Tensor:
     """run_experts' contract (x [T', H], token_index/expert_ids/gates [N] -> [N, H] fp32 weighted
     outputs) in two grouped matmuls over the assignments sorted by expert: group e is the rows of
     expert e, empty groups included. Any device where torch has the op. Nothing is read back: the ids
     must fall in w's range (route() and the router's dispatch make them so); the CPU checks them as it
-    counts, a GPU could only with a host sync."""
+    counts, a GPU could only with a host sync. `mine` [N] bool: only these assignments are computed
+    (the others sort into a last group no matmul reads) and the others' rows are 0."""
     local = expert_ids - w.first  # [N]
+    if mine is not None:
+        local = torch.where(mine, local, w.count)  # the rest: group E, past every matmul's groups
     try:
-        counts = expert_counts(local, w.count)  # [E]
+        counts = expert_counts(local, w.count + (mine is not None))[:w.count]  # [E]
     except (IndexError, RuntimeError) as exc:
         raise ValueError(f"assignment outside experts [{w.first}, {w.stop})") from exc
     order = torch.argsort(local, stable=True)  # [N] assignments grouped by expert
-    experts = local[order]  # [N] local expert of each sorted row
+    experts = local[order].clamp(max=w.count - 1)  # [N] local expert of each sorted row (any, for the rest)
     ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
     rows = x.index_select(0, token_index[order])  # [N, H]
     h = torch._grouped_mm(rows, w.gate_up.weight.transpose(1, 2), offs=ends)  # [N, 2I]
@@ -124,6 +146,8 @@ def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torc
     y = torch._grouped_mm(act, w.down.weight.transpose(1, 2), offs=ends) + w.down_bias.index_select(0, experts)
     out = torch.empty(local.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out[order] = y * gates[order].to(torch.float32)[:, None]
+    if mine is not None:  # rows past the last group are whatever the matmul left there
+        out = torch.where(mine[:, None], out, 0.0)
     return out
 
 

@@ -39,6 +39,9 @@ from cluster.dataplane.transport import DIST_KINDS, Endpoint, PlaneSpec, StreamC
 
 log = logging.getLogger(__name__)
 
+# Units (one layer of one micro-batch, every replica's rows) up to this many rows go the device's way when
+# it is on (ClusterConfig.dispatch): decode steps; prefills, whose rows would reach every shard, do not.
+DEVICE_DISPATCH_ROWS = 256
 STOP_TIMEOUT_S = 5.0  # an actor that cannot acknowledge `stop` within this is treated as hung
 
 
@@ -63,8 +66,10 @@ class ClusterExecutor(Executor):
         members: list[tuple[str, str, Spec, float, dict[str, float]]] = [  # name, role, spec, GPUs, resources
             (replica_name(i), REPLICA_ROLE, ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
              c.gpus_per_attention_replica, c.attention_replica_resources) for i in range(c.attention_replicas)]
+        device = c.dispatch == "device" or (c.dispatch == "auto" and c.gpus_per_router > 0)
         members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0,
-                                                                 kv.max_step_tokens),
+                                                                 kv.max_step_tokens,
+                                                                 DEVICE_DISPATCH_ROWS if device else 0),
                         c.gpus_per_router, c.router_resources))
         members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], placement.shard(j),
                                                           c.gpus_per_expert_shard > 0, kv.max_step_tokens),

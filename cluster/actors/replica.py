@@ -80,7 +80,14 @@ def merge_answers(route: MoeRoute, parts: list[ShardResult], k: int, dtype: torc
                   device: torch.device) -> torch.Tensor:
     """The answers of route.shards (in that order) to one replica's T tokens -> its MoE output [T, H]
     in `dtype`: per-assignment outputs go to their t*K + k slots and are summed over k in order; the
-    answers that came summed per token (moe.fused_rows) are added after, in shard order (moe.combine)."""
+    answers that came summed per token (moe.fused_rows) are added after, in shard order (moe.combine).
+    Under the device's dispatch (route.dense) every shard answers every slot, zero where not its own:
+    the answers' sum is each slot's one output exactly."""
+    if route.dense:
+        weighted = parts[0].weighted.to(device)
+        for part in parts[1:]:
+            weighted = weighted + part.weighted.to(device)
+        return combine(weighted, k, dtype)
     host = route.slots  # [T*K] grouped by shard, token-major within each (host memory: the message's)
     slots = host.to(device)
     weighted = torch.empty(slots.shape[0], parts[0].weighted.shape[1], dtype=torch.float32, device=device)

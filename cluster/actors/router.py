@@ -3,7 +3,14 @@ expert shard the rows it needs, and each replica where its shards' answers go (t
 replicas directly, which combine in (token, k) order).
 
 It routes by the expert placement the executor gives it (at start, then with a RouterStep: eplb.py)
-and keeps the per-expert counts of the last `window` steps, which the executor reads to rebalance."""
+and keeps the per-expert counts of the last `window` steps, which the executor reads to rebalance.
+
+Two ways to dispatch a unit. The host's: the expert ids come to the host, which plans each shard's
+rows and assignments (dispatch.py): the fewest bytes, but a read of the device per layer. The
+device's (units up to `device_dispatch_rows` rows, RouterSpec): every shard gets all the unit's rows
+and routing, with -1 where another shard serves an assignment, and answers every assignment (zero
+where not its own), which the replicas sum; counts stay on the device until the step ends. Nothing
+is read on the host per layer: a GPU's queue never drains mid-step."""
 
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ import numpy as np
 import torch
 
 from cluster.config import RouterSpec, actor_device
-from cluster.balancing.dispatch import CopyTable, copy_table, owners, plan_dispatch, replica_shares
+from cluster.balancing.dispatch import (CopyTable, DeviceCopies, copies_on_device, copy_table, device_copies, owners,
+                                        plan_dispatch, replica_shares)
 from cluster.balancing.eplb import ExpertPlacement
 from cluster.dataplane.messages import MoeRequest, MoeRoute, RouterStep, ShardRequest
 from cluster.dataplane.names import ENGINE, ROUTER_ROLE, replica_name, shard_name
@@ -49,6 +57,10 @@ class Router:
         self._window: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._window_sum, self._window_shards = np.zeros_like(self.expert_tokens), np.zeros_like(self.shard_tokens)
         self._step_counts, self._step_shards = np.zeros_like(self.expert_tokens), np.zeros_like(self.shard_tokens)
+        # the device's dispatch counts here during a step ([L, E] per expert, then [L, M] per shard)
+        self._on_device = torch.zeros(cfg.num_hidden_layers, cfg.num_experts + len(spec.placement.capacity),
+                                      dtype=torch.long, device=self.device)
+        self._device_units = False  # whether this step dispatched any unit the device's way
         self._lock = threading.Lock()  # the window is read by expert_load on another thread
         self.route_s = 0.0  # see RouterStats
         self._comm_s = 0.0  # sends and receives inside the current unit, not counted as routing
@@ -60,6 +72,8 @@ class Router:
     def adopt(self, placement: ExpertPlacement) -> None:
         self.placement = placement
         self.tables: list[CopyTable] = [copy_table(slots, self.config.num_experts) for slots in placement.layers]
+        self.copies: list[DeviceCopies] = [device_copies(slots, self.config.num_experts, self.device)
+                                           for slots in placement.layers] if self.spec.device_dispatch_rows else []
 
     def expert_load(self) -> ExpertLoad:
         """Routed assignments per layer and expert over the last `window` steps."""
@@ -67,6 +81,15 @@ class Router:
             return ExpertLoad(len(self._window), self._window_sum.copy())
 
     def _end_step(self) -> None:
+        if self._device_units:  # the device's counts of this step: the step's one read
+            self._device_units = False
+            e = self.config.num_experts
+            counts = self._on_device.to("cpu", copy=True).numpy()  # a copy: the counter is zeroed next
+            self._on_device.zero_()
+            for cumulative, step, part in ((self.expert_tokens, self._step_counts, counts[:, :e]),
+                                           (self.shard_tokens, self._step_shards, counts[:, e:])):
+                cumulative += part
+                step += part
         with self._lock:
             self._window.append((self._step_counts, self._step_shards))
             self._window_sum += self._step_counts
@@ -83,6 +106,8 @@ class Router:
         each replica its MoeRoute. Nothing comes back here."""
         k = self.config.experts_per_token
         expert_ids, gates = route(t, self.routers[layer], k)  # [T, K]
+        if t.shape[0] <= self.spec.device_dispatch_rows:
+            return self._dispatch_on_device(step_id, layer, micro, t, expert_ids, gates, replicas, sizes, ep)
         ids = expert_ids.cpu().numpy()  # [T, K] the host needs them to count and to size messages
         counts = np.bincount(ids.reshape(-1), minlength=self.config.num_experts)
         self.expert_tokens[layer] += counts
@@ -104,6 +129,29 @@ class Router:
             self._send(ep, replica_name(replicas[share.replica]), MoeRoute(
                 step_id, layer, micro, torch.from_numpy(share.shards), torch.from_numpy(share.counts),
                 torch.from_numpy(share.slots)))
+
+    def _dispatch_on_device(self, step_id: int, layer: int, micro: int, t: torch.Tensor, expert_ids: torch.Tensor,
+                            gates: torch.Tensor, replicas: list[int], sizes: list[int], ep: Endpoint) -> None:
+        """The device's dispatch of one unit (module docstring): nothing read on the host."""
+        k, e, shards = self.config.experts_per_token, self.config.num_experts, len(self.placement.capacity)
+        shard_of, slot_of = copies_on_device(expert_ids, self.copies[layer])  # [T*K] each
+        ones = torch.ones_like(shard_of)
+        self._device_units = True
+        self._on_device[layer, :e].index_add_(0, expert_ids.reshape(-1), ones)
+        self._on_device[layer, e:].index_add_(0, shard_of, ones)
+        token_index = torch.arange(t.shape[0], device=t.device)[:, None].expand(-1, k).reshape(-1)  # [T*K]
+        flat_gates = gates.to(torch.float32).reshape(-1)  # [T*K] exact: shards use fp32 gates
+        owned = torch.tensor(replicas, dtype=torch.long)
+        per_replica = torch.tensor([n * k for n in sizes], dtype=torch.long)  # assignments, token-major
+        for shard in range(shards):
+            self._send(ep, shard_name(shard), ShardRequest(
+                step_id, layer, micro, t, token_index, torch.where(shard_of == shard, slot_of, -1), flat_gates,
+                owned, per_replica, self.placement.version, 0, True))
+        every = torch.arange(shards, dtype=torch.long)
+        for replica, n in zip(replicas, sizes):
+            self._send(ep, replica_name(replica), MoeRoute(step_id, layer, micro, every,
+                                                           torch.full((shards,), n * k, dtype=torch.long),
+                                                           torch.empty(0, dtype=torch.long), True))
 
     def _send(self, ep: Endpoint, peer: str, message: ShardRequest | MoeRoute) -> None:
         sent = time.perf_counter()

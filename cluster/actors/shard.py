@@ -25,7 +25,7 @@ from cluster.telemetry import Histogram, ShardStats
 from cluster.dataplane.transport import Endpoint
 from model_shards.checkpoint import Checkpoint
 from model_shards.expert_slots import read_slots, restack
-from model_shards.moe import fused_rows, fuses_here, run_experts
+from model_shards.moe import fused_rows, fuses_here, masked_experts, run_experts
 from model_shards.syncs import Meter, host_list, host_numpy
 from model_shards.weights import ExpertWeights, budget_decoded, move_to, prepare, warm_up
 
@@ -49,7 +49,7 @@ class ExpertShard:
         self.device = actor_device(spec.use_gpu)
         self.dtype = spec.source.torch_dtype
         self.bytes_read = self.slices_read = 0
-        self.assignments = 0  # routed assignments computed since start
+        self.assignments = 0  # routed assignments computed since start (plus _dense_assignments)
         with spec.source.open() as ckpt:
             self.config = ckpt.config
             weights = [read_slots(ckpt, self.dtype, layer, ids, spec.source.keep_mxfp4) for layer, ids in enumerate(spec.slots)]
@@ -61,6 +61,7 @@ class ExpertShard:
         self._staging = threading.Lock()  # one stage at a time
         self.step = Histogram()  # compute time per request (one layer of one micro-batch)
         self.meter = Meter()  # host syncs and ops per step, counted on request (bench, tests)
+        self._dense_assignments = torch.zeros((), dtype=torch.long, device=self.device)
 
     def _ready(self, h: Holding) -> Holding:
         move_to(h.weights, self.device)
@@ -124,8 +125,10 @@ class ExpertShard:
         x, token_index, slots = req.x.to(d, self.dtype), req.token_index.to(d), req.expert_slots.to(d)
         gates = req.gates.to(d)
         counts = host_list(req.counts)  # assignments are token-major: one run per replica
-        summed = fuses_here(w, x.shape[0], req.active)
-        if summed:  # one row per token: each replica's tokens are a run of x's rows too
+        summed = not req.dense and fuses_here(w, x.shape[0], req.active)
+        if req.dense:  # every assignment of the unit; -1: another shard's (router.py)
+            parts = torch.split(masked_experts(x, token_index, slots, gates, w, self.config), counts)
+        elif summed:  # one row per token: each replica's tokens are a run of x's rows too
             ends = host_numpy(req.token_index)[np.cumsum(counts) - 1].tolist()  # last row of each run (host)
             parts = torch.split(fused_rows(x, token_index, slots, gates, w, self.config),
                                 [b - a for a, b in zip([-1, *ends[:-1]], ends)])
@@ -133,7 +136,10 @@ class ExpertShard:
             parts = torch.split(run_experts(x, token_index, slots, gates, w, self.config), counts)
         elapsed = time.perf_counter() - start
         self.step.observe(elapsed)
-        self.assignments += req.expert_slots.shape[0]
+        if req.dense:  # its own assignments, counted on the device (read by stats())
+            self._dense_assignments += (slots >= 0).sum()
+        else:
+            self.assignments += req.expert_slots.shape[0]
         return [(r, ShardResult(req.step_id, req.layer, req.micro, part, elapsed, summed))
                 for r, part in zip(host_list(req.replicas), parts)]
 
@@ -147,4 +153,4 @@ class ExpertShard:
 
     def stats(self) -> ShardStats:
         return ShardStats(self.bytes_read, self.step.snapshot(), self.current.version, self.slices_read,
-                          self.assignments, self.current.slots)
+                          self.assignments + int(self._dense_assignments), self.current.slots)

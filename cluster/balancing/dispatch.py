@@ -5,6 +5,10 @@ Numpy on the host: the router needs the expert ids there anyway (to count them a
 shard's message), and for the few assignments of a decode step numpy's small calls cost no more
 than the torch ops they replace (timed in a loop that runs the shards in between, most of the
 router's time either way is cache misses after the experts ran: docs/measurements.md).
+
+The device's dispatch (router.py) reads nothing on the host: `DeviceCopies` and `copies_on_device`
+choose each assignment's copy with tensor ops, by a fixed rule (a replicated expert's assignments
+alternate over its copies by token), not by the step's load as `choose_copies` does.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -156,3 +161,37 @@ def replica_shares(plan: list[ShardAssignments], per_shard: list[np.ndarray], si
         shares.append(ReplicaShare(r, np.array(shards, dtype=np.int64), np.array(counts, dtype=np.int64),
                                    np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)))
     return shares
+
+
+@dataclass(frozen=True)
+class DeviceCopies:
+    """One layer of a placement as tensors on the router's device."""
+
+    shard: torch.Tensor  # [E, C] the shard of each expert's copies (past an expert's count: its first again)
+    slot: torch.Tensor  # [E, C] the slot there
+    count: torch.Tensor  # [E] copies of each expert
+
+
+def device_copies(slots: tuple[tuple[int, ...], ...], num_experts: int, device: torch.device) -> DeviceCopies:
+    """slots [M][S_m] (the experts in each shard's slots) -> the layer's copies on `device`."""
+    where: list[list[tuple[int, int]]] = [[] for _ in range(num_experts)]
+    for shard, held in enumerate(slots):
+        for slot, e in enumerate(held):
+            where[e].append((shard, slot))
+    if any(not w for w in where):
+        raise ValueError(f"experts {[e for e, w in enumerate(where) if not w]} have no copy")
+    c = max(len(w) for w in where)
+    padded = [w + [w[0]] * (c - len(w)) for w in where]
+    return DeviceCopies(torch.tensor([[s for s, _ in w] for w in padded], device=device),
+                        torch.tensor([[i for _, i in w] for w in padded], device=device),
+                        torch.tensor([len(w) for w in where], device=device))
+
+
+def copies_on_device(expert_ids: torch.Tensor, copies: DeviceCopies) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ids [T, K] -> (shard [T*K], slot [T*K]) of the copy serving each (token-major): token t's
+    assignment to an expert with n copies goes to copy t mod n."""
+    t, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)  # [T*K]
+    token = torch.arange(t, device=flat.device)[:, None].expand(t, k).reshape(-1)  # [T*K]
+    copy = token % copies.count[flat]
+    return copies.shard[flat, copy], copies.slot[flat, copy]

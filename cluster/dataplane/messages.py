@@ -113,6 +113,10 @@ class ShardRequest:
     counts: torch.Tensor  # [P] int64: how many of the N (which are token-major) belong to each
     placement: int = 0  # the expert placement version the slots refer to
     active: int = 0  # distinct slots among expert_slots (the router counts them on the host; 0: unknown)
+    # the device's dispatch (router.py): x is every row of the unit, token_index/expert_slots/gates cover
+    # all its T*K assignments (expert_slots -1 where another shard serves one), and the answer has a
+    # row per assignment, zero where not this shard's
+    dense: bool = False
 
 
 @dataclass
@@ -123,6 +127,7 @@ class MoeRoute:
     shards: torch.Tensor  # [S'] int64: the shards that will answer this replica, ascending
     counts: torch.Tensor  # [S'] int64: how many assignments each one answers
     slots: torch.Tensor  # [N_r] int64: t*K + k of each (replica-local token t), grouped by shard in that order
+    dense: bool = False  # every shard answers every assignment (zero where not its own): the answers are summed
 
 
 @dataclass

@@ -56,3 +56,20 @@ def test_each_replica_gets_every_answer_of_its_rows_once(sizes: list[int], exper
             run = int(per_shard[plan.index(a)][:share.replica].sum())
             assert (a.slots[run:run + count] == global_slots).all()  # the shard's run for this replica
             offset += count
+
+
+def test_copies_on_device_serve_every_assignment_from_a_copy_of_its_expert() -> None:
+    """The device's dispatch: each (token, k) goes to a shard and slot that hold its expert; a
+    replicated expert's tokens alternate over its copies; experts with one copy never move."""
+    import torch
+
+    from cluster.balancing.dispatch import copies_on_device, device_copies
+
+    slots = ((0, 1, 2, 3, 7), (4, 5, 6, 7, 0))  # experts 0 and 7 on both shards
+    copies = device_copies(slots, 8, torch.device("cpu"))
+    ids = torch.tensor([[0, 7], [0, 3], [7, 4], [0, 5]])  # [T=4, K=2]
+    shard, slot = copies_on_device(ids, copies)
+    for (t, k), s, i in zip([(t, k) for t in range(4) for k in range(2)], shard.tolist(), slot.tolist()):
+        assert slots[s][i] == int(ids[t, k])
+    assert shard.view(4, 2)[:, 0].tolist() == [0, 1, 0, 1]  # experts 0, 0, 7, 0 (both shards): copy t mod 2
+    assert shard.view(4, 2)[1, 1].item() == 0 and shard.view(4, 2)[2, 1].item() == 1  # experts 3, 4: their one shard
