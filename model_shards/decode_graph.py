@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from model_shards.batch import SeqChunk, to_device
+from model_shards.flash import aligned
 from model_shards.kv_cache import KVCache, StepKV
 from model_shards.model import GptOssModel, drive
 from model_shards.moe import uses_grouped_mm
@@ -78,9 +79,12 @@ class StaticDecoder:
     """Runs decode-only steps of `model` (MoE by `moe`) from static buffers, with CUDA graphs when
     `graphs` and the device is CUDA. Bound to one KV cache: its tensors are what the graphs read."""
 
-    def __init__(self, model: GptOssModel, moe: StaticMoeFn, graphs: bool) -> None:
+    def __init__(self, model: GptOssModel, moe: StaticMoeFn, graphs: bool, exact: bool = False) -> None:
+        """`exact`: buffers of each step's own batch size and aligned key count instead of the buckets
+        (no padding rows: what the CPU tests compare bitwise with the eager step)."""
         self.model, self.moe = model, moe
         self.graphs = graphs and model.device.type == "cuda" and capturable(model)
+        self.exact = exact
         self.kv: KVCache | None = None
         self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
         self._replays: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
@@ -99,9 +103,10 @@ class StaticDecoder:
         if kv is not self.kv:
             self.reset()
             self.kv = kv
-        b = batch_bucket(len(chunks))
+        b = len(chunks) if self.exact else batch_bucket(len(chunks))
         assert b is not None, "run() needs accepts()"
-        key = (b, key_bucket(max(c.start + 1 for c in chunks)))
+        longest = max(c.start + 1 for c in chunks)
+        key = (b, aligned(longest) if self.exact else key_bucket(longest))
         host = kv.decode_host(tuple(chunks), *key)
         pad = b - len(chunks)
         ids = torch.tensor(list(token_ids) + [0] * pad, dtype=torch.long)

@@ -94,10 +94,11 @@ class LocalExecutor(Executor):
     expert, so the MoE block of each layer is computed in process."""
 
     def __init__(self, source: ModelSource, kv: KVSpec, threads: int | None = None, enforce_eager: bool = False,
-                 static_decode: bool | None = None) -> None:
+                 static_decode: bool | str | None = None) -> None:
         """Decode-only steps run from static buffers and, on CUDA, as CUDA graphs (decode_graph.py),
         unless `enforce_eager`. `static_decode` forces the static buffers on or off (default: on
-        where graphs are captured, that is CUDA; elsewhere they gain nothing)."""
+        where graphs are captured, that is CUDA; elsewhere they gain nothing); "exact": buffers of
+        each step's own shapes (tests)."""
         # Inside a Ray actor (a Serve replica) OMP_NUM_THREADS is the actor's CPU count, 1 by default:
         # the local engine computes with the threads it is given, or every core.
         self.threads = threads or os.cpu_count() or 1
@@ -115,7 +116,7 @@ class LocalExecutor(Executor):
         self.recoveries = 0
         graphs = not enforce_eager and self.model.device.type == "cuda"
         use_static = graphs if static_decode is None else static_decode
-        self.decoder = StaticDecoder(self.model, self._moe, graphs) if use_static else None
+        self.decoder = StaticDecoder(self.model, self._moe, graphs, static_decode == "exact") if use_static else None
 
     @property
     def cache(self) -> KVCache:
