@@ -79,7 +79,14 @@ def attention_block(x: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, lay
     scale = hd ** -0.5
     out = q.new_empty(t, nq, hd)
     view = kv_view
-    if view.decode_tokens.numel():
+    if view.decode_tokens.numel() and view.decode_paged is not None:  # the blocks read in place (CUDA)
+        from model_shards.kernels.paged_attention import paged_decode_attention
+
+        table, base = view.decode_paged.of(sliding)
+        out[view.decode_tokens] = paged_decode_attention(q[view.decode_tokens], keys, values, table, base,
+                                                         view.decode_paged.ends, w.sinks, scale, kv.block_size,
+                                                         cfg.sliding_window if sliding else None)
+    elif view.decode_tokens.numel():
         rows = view.decode_slide_rows if sliding else view.decode_full_rows  # [G, L]
         bias = view.decode_slide_bias if sliding else view.decode_full_bias
         out[view.decode_tokens] = decode_attention(q[view.decode_tokens], gather_rows(keys, rows),

@@ -26,7 +26,7 @@ import torch
 
 from model_shards.batch import SeqChunk, to_device
 from model_shards.flash import aligned
-from model_shards.kv_cache import KVCache, StepKV
+from model_shards.kv_cache import KVCache, PagedDecode, StepKV
 from model_shards.model import GptOssModel, drive
 from model_shards.moe import uses_grouped_mm
 
@@ -59,7 +59,7 @@ class DecodeBuffers:
     token_ids: torch.Tensor  # [B]
     positions: torch.Tensor  # [B]
     real: torch.Tensor  # [B] long: 1 for a sequence's row, 0 for padding (what the routed-token counts add)
-    rows: list[torch.Tensor]  # kv_cache.decode_host's six: write rows [B] x2, full rows/seen [B, L], sliding [B, W]
+    rows: list[torch.Tensor]  # kv_cache.decode_host's: write rows [B] x2, full rows/seen [B, L], sliding [B, W], paged
     every_row: torch.Tensor  # [B] 0..B-1: each row is a decode token and is sampled
 
     def load(self, host: list[torch.Tensor]) -> None:
@@ -131,10 +131,11 @@ class StaticDecoder:
         """The step from the buffers -> logits [B, V] fp32 (everything device-side: capturable)."""
         kv = self.kv
         assert kv is not None
-        full_write, slide_write, full_rows, full_seen, slide_rows, slide_seen = buffers.rows
+        full_write, slide_write, full_rows, full_seen, slide_rows, slide_seen, *paged = buffers.rows
         view = StepKV(full_write_rows=full_write, slide_write_rows=slide_write, decode_tokens=buffers.every_row,
                       decode_full_rows=full_rows, decode_full_bias=kv.bias(full_seen), decode_slide_rows=slide_rows,
-                      decode_slide_bias=kv.bias(slide_seen), chunks=[])
+                      decode_slide_bias=kv.bias(slide_seen), chunks=[],
+                      decode_paged=PagedDecode(*paged) if kv.paged else None)
         layers = self.model.layers_from(buffers.token_ids, buffers.positions, buffers.every_row, kv, view)
         return drive(layers, lambda layer, t: self.moe(layer, t, buffers.real))
 

@@ -16,6 +16,7 @@ holds all its content and can be shared by sequences with the same prefix.
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -70,6 +71,22 @@ class ChunkKV:
 
 
 @dataclass
+class PagedDecode:
+    """What the paged decode kernel (kernels/paged_attention.py) reads instead of gathered rows, for
+    the G decode tokens of a step (int32, on the device)."""
+
+    full_table: torch.Tensor  # [G, Wf] block ids of logical blocks 0..Wf-1
+    full_base: torch.Tensor  # [G] zeros: the full table starts at block 0
+    slide_table: torch.Tensor  # [G, Ws] sliding block ids from logical block slide_base on
+    slide_base: torch.Tensor  # [G]
+    ends: torch.Tensor  # [G] keys of each sequence (its token is at ends - 1)
+
+    def of(self, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, base) of a full or sliding layer."""
+        return (self.slide_table, self.slide_base) if sliding else (self.full_table, self.full_base)
+
+
+@dataclass
 class StepKV:
     """The cache's index tensors for one step (built once, used by every layer). Keys are written
     first, then read: every row below includes the step's own tokens."""
@@ -82,6 +99,7 @@ class StepKV:
     decode_slide_rows: torch.Tensor  # [G, W] rows of the W positions ending at the token
     decode_slide_bias: torch.Tensor  # [G, 1, 1, W]
     chunks: list[ChunkKV]
+    decode_paged: PagedDecode | None = None  # the same keys as block tables, for the paged kernel
 
 
 class KVCache:
@@ -108,7 +126,10 @@ class KVCache:
             self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.tables: dict[int, SeqTables] = {}
-        self._refs: Counter[int] = Counter()  # full block id -> tables that hold it (blocks are shared)
+        self._refs: Counter[int] = Counter()
+        # decode attention reads the blocks in place through the Triton kernel where it runs (CUDA
+        # with triton); the CPU keeps gathered rows and its fused kernel, the faster path there
+        self.paged = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None  # full block id -> tables that hold it (blocks are shared)
 
     # -- tables ----------------------------------------------------------------------------------
     def update(self, seq_id: int, update: BlockUpdate) -> None:
@@ -179,8 +200,9 @@ class KVCache:
                     length: int | None = None) -> list[torch.Tensor]:
         """Host index tensors of G one-token chunks, padded to `batch` rows (default G) and `length`
         full-attention keys (default: aligned(longest)): write rows [B] full and sliding, full rows
-        [B, L] and which are keys [B, L], sliding rows [B, W] and which are keys [B, W]. A padding
-        row writes and reads the scratch rows only (one key seen: no row without any)."""
+        [B, L] and which are keys [B, L], sliding rows [B, W] and which are keys [B, W]; then what
+        the paged kernel reads instead of rows (PagedDecode's fields, in its order). A padding row
+        writes and reads the scratch rows only (one key seen: no row without any)."""
         g, w = len(chunks), self.window
         b = g if batch is None else batch
         ends = torch.tensor([c.start + 1 for c in chunks], dtype=torch.long)  # [G]
@@ -194,14 +216,36 @@ class KVCache:
         full_seen, slide_seen = kpos < ends[:, None], spos >= 0
         out = [full_rows(seq, pos), slide_rows(seq, pos), full_rows(seq[:, None].expand_as(kpos), kpos) * full_seen,
                full_seen, slide_rows(seq[:, None].expand_as(spos), spos), slide_seen]
-        if b == g:
-            return out
         pad = b - g
-        first = torch.arange(max(lf, w)) == 0  # [*] only column 0 seen
-        fill = [torch.full((pad,), self.scratch_full), torch.full((pad,), self.scratch_slide),
-                torch.full((pad, lf), self.scratch_full), first[:lf].expand(pad, lf),
-                torch.full((pad, w), self.scratch_slide), first[:w].expand(pad, w)]
-        return [torch.cat((a, p)) for a, p in zip(out, fill)]
+        if pad:
+            first = torch.arange(max(lf, w)) == 0  # [*] only column 0 seen
+            fill = [torch.full((pad,), self.scratch_full), torch.full((pad,), self.scratch_slide),
+                    torch.full((pad, lf), self.scratch_full), first[:lf].expand(pad, lf),
+                    torch.full((pad, w), self.scratch_slide), first[:w].expand(pad, w)]
+            out = [torch.cat((a, p)) for a, p in zip(out, fill)]
+        return out + self._paged_host(chunks, pad, self._blocks(lf), self._blocks(w) + 1)
+
+    def _paged_host(self, chunks: tuple[SeqChunk, ...], pad: int, full_width: int, slide_width: int
+                    ) -> list[torch.Tensor]:
+        """PagedDecode's fields (host, int32) for one-token chunks and `pad` padding rows, whose tables
+        name the scratch blocks and whose one key is position 0."""
+        bs, w = self.block_size, self.window
+        full, slide, base = [], [], []
+        for c in chunks:
+            t = self.tables[c.seq_id]
+            end = c.start + 1
+            full.append(t.full[:full_width] + [0] * (full_width - min(full_width, len(t.full))))
+            first = max(0, end - w) // bs
+            row = [t.sliding.get(i, 0) for i in range(first, min(first + slide_width, self._blocks(end)))]
+            slide.append(row + [0] * (slide_width - len(row)))
+            base.append(first)
+        full += [[self.num_blocks] * full_width] * pad
+        slide += [[self.sliding_blocks] * slide_width] * pad
+        base += [0] * pad
+        ends = [c.start + 1 for c in chunks] + [1] * pad
+        i32 = torch.int32
+        return [torch.tensor(full, dtype=i32), torch.zeros(len(ends), dtype=i32), torch.tensor(slide, dtype=i32),
+                torch.tensor(base, dtype=i32), torch.tensor(ends, dtype=i32)]
 
     def view(self, layout: StepLayout) -> StepKV:
         """The step's index tensors, computed on the host from the tables and the chunks' integers
@@ -217,10 +261,12 @@ class KVCache:
             dec = self.decode_host(tuple(layout.chunks[i] for i in decode))
         else:
             dec = [torch.zeros(0, dtype=torch.long)] * 2 + [torch.zeros(0, 8, dtype=torch.long)] * 2 + \
-                  [torch.zeros(0, w, dtype=torch.long)] * 2
+                  [torch.zeros(0, w, dtype=torch.long)] * 2 + [torch.zeros(0, 1, dtype=torch.int32),
+                                                               torch.zeros(0, dtype=torch.int32)] * 2 + \
+                  [torch.zeros(0, dtype=torch.int32)]
         host = [full_rows(seq, positions), slide_rows(seq, positions),
                 torch.tensor([layout.first[i] for i in decode], dtype=torch.long),  # a one-token chunk's token
-                dec[2], dec[3].bool(), dec[4], dec[5].bool()]
+                dec[2], dec[3].bool(), dec[4], dec[5].bool(), *dec[6:]]
         prefill = [(i, c) for i, c in enumerate(layout.chunks) if c.length > 1]
         for i, c in prefill:
             index = torch.full((c.start + c.length,), i, dtype=torch.long)
@@ -228,11 +274,12 @@ class KVCache:
             host += [full_rows(index, torch.arange(c.start + c.length)),
                      slide_rows(index[:1].expand(spos_c.shape[0]), spos_c, c.start + c.length)]
         dev = to_device(host, self.device)
-        chunks = [ChunkKV(layout.first[i], c.start, c.length, dev[7 + 2 * n], dev[8 + 2 * n])
+        chunks = [ChunkKV(layout.first[i], c.start, c.length, dev[12 + 2 * n], dev[13 + 2 * n])
                   for n, (i, c) in enumerate(prefill)]
         return StepKV(full_write_rows=dev[0], slide_write_rows=dev[1], decode_tokens=dev[2],
                       decode_full_rows=dev[3], decode_full_bias=self.bias(dev[4]),
-                      decode_slide_rows=dev[5], decode_slide_bias=self.bias(dev[6]), chunks=chunks)
+                      decode_slide_rows=dev[5], decode_slide_bias=self.bias(dev[6]), chunks=chunks,
+                      decode_paged=PagedDecode(*dev[7:12]) if self.paged else None)
 
     def bias(self, seen: torch.Tensor) -> torch.Tensor:
         """[G, L] bool -> [G, 1, 1, L] additive mask in the cache's dtype."""

@@ -4,6 +4,8 @@
   network). Tests that need it use the `vocab` fixture: it skips when the folder is absent, and
   fails instead under CI=true (CI always has it).
 - Random checkpoints are written once per session.
+- Without CUDA, Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, read when a kernel is
+  defined: set here, before any test module imports one).
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from model_shards.random_checkpoint import make_tiny
-from model_shards.tokenizer import use_vocab_dir
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from model_shards.random_checkpoint import make_tiny  # noqa: E402
+from model_shards.tokenizer import use_vocab_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

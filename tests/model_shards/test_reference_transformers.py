@@ -70,6 +70,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     # transformers reads our hub config.json, holds the same weights, and saves them its own way.
     config = transformers.AutoConfig.from_pretrained(hub)
     config._attn_implementation = "eager"
+    if hasattr(config, "quantization_config"):  # the float copy is not MXFP4 (with triton installed,
+        del config.quantization_config  # transformers would otherwise fetch MXFP4 kernels from the Hub)
     model = transformers.GptOssForCausalLM(config).eval()
     model.load_state_dict(transformers_state_dict(weights), strict=True)
     model.save_pretrained(root / "float")

@@ -1,0 +1,1 @@
+"""Triton kernels for the GPU paths (imported only where triton is installed)."""
