@@ -18,11 +18,14 @@ engine's `moe_block` through `fused_experts`, an expert shard for its part of ea
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from model_shards import linear
 from model_shards.config import GptOssConfig
-from model_shards.weights import FUSED_MAX_TOKENS, STACKED_MAX_TOKENS, DenseStack, ExpertWeights, RouterWeights
+from model_shards.weights import (FUSED_MAX_TOKENS, STACKED_MAX_TOKENS, DenseStack, ExpertWeights, Mxfp4Stack,
+                                  RouterWeights)
 
 
 ROW_BLOCK = 1024  # assignments per block of the expert computation (see row_blocks)
@@ -91,11 +94,16 @@ def is_prepacked(w: ExpertWeights) -> bool:
 
 def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
     """On CUDA, bf16 dense experts run as two grouped matmuls (`torch._grouped_mm`), whatever the step:
-    no loop over experts and no host sync. On CPU the prepacked paths take about a fifth less
+    no loop over experts and no host sync; MXFP4 experts likewise through the Triton kernel
+    (kernels/mxfp4_moe.py) where triton is installed. On CPU the prepacked paths take about a fifth less
     time, from one row per expert to a prefill's hundreds (docs/measurements.md); without them a
     decode-sized step's experts run grouped too (run_experts), at the per-expert loop's speed and
     without its host sync."""
-    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    if x.device.type != "cuda":
+        return False
+    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack):
+        return importlib.util.find_spec("triton") is not None
+    return (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
             and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
 
@@ -140,10 +148,18 @@ def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torc
     experts = local[order].clamp(max=w.count - 1)  # [N] local expert of each sorted row (any, for the rest)
     ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
     rows = x.index_select(0, token_index[order])  # [N, H]
-    h = torch._grouped_mm(rows, w.gate_up.weight.transpose(1, 2), offs=ends)  # [N, 2I]
-    h = h + w.gate_up_bias.index_select(0, experts)
-    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [N, I]
-    y = torch._grouped_mm(act, w.down.weight.transpose(1, 2), offs=ends) + w.down_bias.index_select(0, experts)
+    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack):  # packed: the Triton kernel
+        from model_shards.kernels.mxfp4_moe import grouped_mxfp4
+
+        act = grouped_mxfp4(rows, w.gate_up.blocks, w.gate_up.scales, w.gate_up_bias, ends,
+                            swiglu=(cfg.swiglu_limit, cfg.swiglu_alpha)).to(x.dtype)  # [N, I]
+        y = grouped_mxfp4(act, w.down.blocks, w.down.scales, w.down_bias, ends)  # [N, H] fp32
+    else:
+        assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+        h = torch._grouped_mm(rows, w.gate_up.weight.transpose(1, 2), offs=ends)  # [N, 2I]
+        h = h + w.gate_up_bias.index_select(0, experts)
+        act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [N, I]
+        y = torch._grouped_mm(act, w.down.weight.transpose(1, 2), offs=ends) + w.down_bias.index_select(0, experts)
     out = torch.empty(local.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out[order] = y * gates[order].to(torch.float32)[:, None]
     if mine is not None:  # rows past the last group are whatever the matmul left there
