@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from model_shards.kernels.paged_attention import precision
+
 
 @triton.jit
 def _e2m1(code):
@@ -34,7 +36,7 @@ def _grouped_mxfp4(x_ptr, blocks_ptr, scales_ptr, bias_ptr, ends_ptr, tiles_ptr,
                    n_rows, n_out, n_in, num_experts, limit, alpha,
                    stride_xm, stride_be, stride_se, stride_om,
                    SWIGLU: tl.constexpr, ROW_SCALE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = -1
@@ -65,7 +67,7 @@ def _grouped_mxfp4(x_ptr, blocks_ptr, scales_ptr, bias_ptr, ends_ptr, tiles_ptr,
         scale = tl.load(scales_ptr + e * stride_se + cols[:, None] * (n_in // 32) + ks[None, :] // 32, mask=w_ok,
                         other=127).to(tl.int32)
         w = _e2m1(code) * tl.exp2((scale - 127).to(tl.float32))  # [BLOCK_N, BLOCK_K]
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     acc += tl.load(bias_ptr + e * n_out + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:  # columns interleave gate (even) and up (odd): one output per pair
         gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
@@ -103,5 +105,5 @@ def grouped_mxfp4(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, b
                          n, n_out, k_in, experts, limit, alpha,
                          x.stride(0), blocks.stride(0), scales.stride(0), out.stride(0),
                          SWIGLU=swiglu is not None, ROW_SCALE=row_scale is not None,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision(x.dtype))
     return out

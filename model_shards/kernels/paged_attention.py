@@ -12,7 +12,8 @@ Sliding layers keep only the blocks inside the window: their table starts at a b
 per sequence (kv_cache.py), and only positions [end - window, end) are read.
 
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the tests run it; the interpreter
-mishandles bf16 dots, so tests use fp32).
+mishandles bf16 dots, so tests use fp32). Products run in fp32 (`precision`: full fp32 for float32
+models, tf32 for bf16 ones).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import triton.language as tl
 def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, base_ptr, end_ptr, sink_ptr, out_ptr,
                   scale, window, table_width,
                   stride_qg, stride_qh, stride_kr, stride_kh, stride_tg, stride_og, stride_oh,
-                  GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+                  GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
     g = tl.program_id(0)  # the sequence
     h = tl.program_id(1)  # its KV head
     heads = h * GQ + tl.arange(0, GQ)  # [GQ] the query heads of this KV head
@@ -50,17 +52,23 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, base_ptr, end_ptr, sink_ptr, o
                     other=0.0).to(tl.float32)  # [BLOCK_N, D]
         v = tl.load(v_ptr + rows[:, None] * stride_kr + h * stride_kh + dims[None, :], mask=seen[:, None],
                     other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GQ, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GQ, BLOCK_N]
         s = tl.where(seen[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         s_sum = s_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
     sink = tl.load(sink_ptr + heads).to(tl.float32)  # [GQ]
     out = acc / (s_sum + tl.exp(sink - m))[:, None]
     tl.store(out_ptr + g * stride_og + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 models keep full fp32 products ("ieee"); bf16 models take
+    the tensor cores' tf32, more precise than their own inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
@@ -80,5 +88,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_decode[(g, nkv)](q, k_cache, v_cache, table, base, ends, sinks, out, scale, limit, table.shape[1],
                             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0),
                             out.stride(0), out.stride(1),
-                            GQ=nq // nkv, D=d, BS=block_size, BLOCK_N=block_n)
+                            GQ=nq // nkv, D=d, BS=block_size, BLOCK_N=block_n, PRECISION=precision(q.dtype))
     return out
