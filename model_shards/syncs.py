@@ -17,14 +17,13 @@ per thread (torch's dispatch-mode stack is thread-local): count in the thread th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-
-import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

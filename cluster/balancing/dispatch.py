@@ -40,14 +40,20 @@ class CopyTable:
 
 def copy_table(slots: tuple[tuple[int, ...], ...], num_experts: int) -> CopyTable:
     """slots [M][S_m] (the experts in each shard's slots) -> the router's table."""
+    where = copies_of(slots, num_experts)
+    replicated = tuple((e, tuple(s for s, _ in w), tuple(i for _, i in w)) for e, w in enumerate(where) if len(w) > 1)
+    return CopyTable(np.array([w[0][0] for w in where]), np.array([w[0][1] for w in where]), replicated, len(slots))
+
+
+def copies_of(slots: tuple[tuple[int, ...], ...], num_experts: int) -> list[list[tuple[int, int]]]:
+    """slots [M][S_m] -> per expert, its copies as (shard, slot), in shard order; every expert needs one."""
     where: list[list[tuple[int, int]]] = [[] for _ in range(num_experts)]
     for shard, held in enumerate(slots):
         for slot, e in enumerate(held):
             where[e].append((shard, slot))
     if any(not w for w in where):
         raise ValueError(f"experts {[e for e, w in enumerate(where) if not w]} have no copy")
-    replicated = tuple((e, tuple(s for s, _ in w), tuple(i for _, i in w)) for e, w in enumerate(where) if len(w) > 1)
-    return CopyTable(np.array([w[0][0] for w in where]), np.array([w[0][1] for w in where]), replicated, len(slots))
+    return where
 
 
 def range_table(starts: np.ndarray, num_experts: int) -> CopyTable:
@@ -174,12 +180,7 @@ class DeviceCopies:
 
 def device_copies(slots: tuple[tuple[int, ...], ...], num_experts: int, device: torch.device) -> DeviceCopies:
     """slots [M][S_m] (the experts in each shard's slots) -> the layer's copies on `device`."""
-    where: list[list[tuple[int, int]]] = [[] for _ in range(num_experts)]
-    for shard, held in enumerate(slots):
-        for slot, e in enumerate(held):
-            where[e].append((shard, slot))
-    if any(not w for w in where):
-        raise ValueError(f"experts {[e for e, w in enumerate(where) if not w]} have no copy")
+    where = copies_of(slots, num_experts)
     c = max(len(w) for w in where)
     padded = [w + [w[0]] * (c - len(w)) for w in where]
     return DeviceCopies(torch.tensor([[s for s, _ in w] for w in padded], device=device),

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model_shards import mxfp4
 from model_shards.batch import SeqChunk, plan_step
 from model_shards.config import GptOssConfig, preset
 from model_shards.decode_graph import StaticDecoder
