@@ -33,7 +33,8 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, end: in
 
 @pytest.mark.parametrize("window", [None, 128, 24])
 @pytest.mark.parametrize("block_n", [16, 32])
-def test_paged_decode_matches_the_reference(window: int | None, block_n: int) -> None:
+@pytest.mark.parametrize("with_sinks", [True, False])
+def test_paged_decode_matches_the_reference(window: int | None, block_n: int, with_sinks: bool) -> None:
     gen = torch.Generator().manual_seed(7)
     ends = [1, 17, 40, 130, 300]  # ragged: inside one block, past the window, many blocks
     blocks = 64
@@ -51,7 +52,7 @@ def test_paged_decode_matches_the_reference(window: int | None, block_n: int) ->
         tables.append(row + [0] * (width - len(row)))
         bases.append(first)
     q = torch.randn(len(ends), NQ, D, generator=gen)
-    sinks = torch.randn(NQ, generator=gen)
+    sinks = torch.randn(NQ, generator=gen) if with_sinks else torch.full((NQ,), float("-inf"))  # -inf: no sink
     out = paged_decode_attention(q, k_cache, v_cache, torch.tensor(tables, dtype=torch.int32),
                                  torch.tensor(bases, dtype=torch.int32), torch.tensor(ends, dtype=torch.int32),
                                  sinks, SCALE, BS, window, block_n)
