@@ -2,7 +2,8 @@
 
     gptoss generate --model PATH_OR_ID (--prompt TEXT | --prompt-ids 1,2,3) [--engine local|cluster] [--json]
     gptoss bench --model PATH --engine local,cluster --batch-sizes 1,16,64
-    gptoss bench serve --url http://127.0.0.1:8000/v1
+    gptoss bench serve --url http://127.0.0.1:8000/v1 [--request-rate 1,2,4,inf] [--save-result FILE]
+    gptoss bench plot FILE... -o curve.png
     gptoss make-tiny OUT [--preset tiny|small] [--layout hf|original] [--mxfp4/--no-mxfp4] [--seed N]
                   [--router-skew S]
     gptoss serve [--model PATH_OR_ID] [--host] [--port] [--engine local|cluster] [--api-key KEY] ...
@@ -25,7 +26,7 @@ from cluster.config import ClusterConfig, EngineConfig, ModelConfig
 from cluster.engine.events import EngineOverloaded, EngineUnavailable
 from cluster.options import OptionValue
 from cluster.engine.executor import ExecutorFailure
-from deploy.cli import commands
+from deploy.cli import bench_cmd, commands
 from deploy.config import LaunchOptions, ServerConfig
 from deploy.cli.flags import add_options, int_list
 from deploy.cli.serve_cmd import ServeFailed
@@ -92,21 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-bandwidth-gbs", type=float,
                    help="memory bandwidth (GB/s) to print the batch-1 roofline beside the measurement")
     targets = b.add_subparsers(dest="target")
-    bs = targets.add_parser("serve", help="load any OpenAI-compatible server: TTFT, ITL, E2EL, tokens/s")
-    bs.add_argument("--url", required=True, help="the API base, e.g. http://127.0.0.1:8000/v1")
-    bs.add_argument("--concurrency", type=int_list, default=(1, 8, 32))
-    bs.add_argument("--num-prompts", type=int, default=64)
-    bs.add_argument("--input-len", type=int, default=128)
-    bs.add_argument("--output-len", type=int, default=64)
-    bs.add_argument("--model", help="model name to request (default: the first of /v1/models)")
-    bs.add_argument("--prompt-type", choices=["tokens", "text"], default="tokens")
-    bs.add_argument("--api-key")
-    bs.add_argument("--seed", type=int, default=0)
+    bs = targets.add_parser("serve", help="load any OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, tokens/s, "
+                                          "goodput, at concurrency levels or request rates")
+    bench_cmd.add_serve_flags(bs)
     _vocab_option(bs)
-    bs.add_argument("--shared-prefix", type=int, default=0,
-                    help="tokens (or words) that every prompt starts with, before its own --input-len")
-    bs.add_argument("--temperature", type=float, default=0.0,
-                    help="of every request (0: greedy; above 0 the server samples, as most real traffic does)")
+    bp = targets.add_parser("plot", help="the load curve of saved bench serve results (ours and vLLM's) as a PNG")
+    bench_cmd.add_plot_flags(bp)
 
     t = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the real gpt-oss layout")
     t.add_argument("out")
@@ -140,15 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = commands.generate(args)
             print(json.dumps(result.record()) if args.json else result.text)
         elif args.command == "bench" and args.target == "serve":
-            from cluster.bench.loadgen import bench_serve
-
-            if min(args.concurrency or [0]) < 1 or args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
-                raise commands.UsageError("concurrency, --num-prompts, --input-len and --output-len must be positive")
-            if args.shared_prefix < 0 or not 0.0 <= args.temperature <= 2.0:
-                raise commands.UsageError("--shared-prefix must be >= 0 and --temperature in [0, 2]")
-            print(bench_serve(args.url, list(args.concurrency), args.num_prompts, args.input_len, args.output_len,
-                              args.model, args.prompt_type, args.api_key, args.seed, args.shared_prefix,
-                              args.temperature))
+            print(bench_cmd.run_serve(args))
+        elif args.command == "bench" and args.target == "plot":
+            print(bench_cmd.run_plot(args))
         elif args.command == "bench":
             print(commands.bench(args))
         elif args.command == "make-tiny":
