@@ -139,6 +139,21 @@ class ClusterConfig:
     step_timeout_s: float = option(60.0, "seconds before a step counts as hung", gt=0)
     recovery_timeout_s: float = option(300.0, "seconds that restarting and reloading actors may take", gt=0)
     max_restarts: int = option(8, "times Ray restarts each actor", ge=0)
+    # Live resize and autoscaling (cluster/actors/resize.py, cluster/engine/autoscale.py; docs/scaling.md)
+    resize_timeout_s: float = option(300.0, "seconds a resize may wait for its new actors' resources and weights; "
+                                            "then it gives up and the old plane keeps serving", gt=0)
+    autoscale: bool = option(False, "change the number of attention replicas and expert shards while serving, "
+                                    "by KV usage, waiting requests and shard compute time, within the bounds below")
+    min_attention_replicas: int = option(1, "with --autoscale: fewest attention replicas", ge=1)
+    max_attention_replicas: int | None = option(None, "with --autoscale: most attention replicas (default: "
+                                                      "--attention-replicas)", ge=1)
+    min_expert_shards: int = option(1, "with --autoscale: fewest expert shards", ge=1)
+    max_expert_shards: int | None = option(None, "with --autoscale: most expert shards (default: --expert-shards)",
+                                           ge=1)
+    upscale_delay_s: float = option(30.0, "with --autoscale: seconds a signal must ask for more actors before "
+                                          "they are added (Ray Serve's upscale_delay_s)", ge=0)
+    downscale_delay_s: float = option(600.0, "with --autoscale: seconds a signal must allow fewer actors before "
+                                             "some are removed (Ray Serve's downscale_delay_s)", ge=0)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
+from cluster.engine.autoscale import AutoscalePolicy, Autoscaler
 from cluster.engine.engine import Engine
 from cluster.engine.executor import Executor, LocalExecutor
 from cluster.options import OptionValue, flat_values, split_values
@@ -67,8 +68,20 @@ def build_executor(args: EngineArgs, ray_address: str | None = None) -> Executor
     return ClusterExecutor(source, args.cluster, args.engine.kv, ray_address)
 
 
+def autoscaler(cluster: ClusterConfig) -> Autoscaler | None:
+    """The autoscaling policy of `--autoscale` (autoscale.py); the maxima default to the start counts."""
+    if not cluster.autoscale:
+        return None
+    return Autoscaler(AutoscalePolicy(cluster.min_attention_replicas,
+                                      cluster.max_attention_replicas or cluster.attention_replicas,
+                                      cluster.min_expert_shards, cluster.max_expert_shards or cluster.expert_shards,
+                                      cluster.upscale_delay_s, cluster.downscale_delay_s))
+
+
 def build_engine(args: EngineArgs, ray_address: str | None = None) -> Engine:
     args = args.resolved()
     if args.engine.engine == "local":  # built in the engine's thread, which then runs every step (engine.py)
+        if args.cluster.autoscale:
+            raise ValueError("--autoscale needs --engine cluster: the local engine runs in one process")
         return Engine(lambda: build_executor(args), args.engine)
-    return Engine(build_executor(args, ray_address), args.engine)
+    return Engine(build_executor(args, ray_address), args.engine, autoscaler(args.cluster))

@@ -19,14 +19,18 @@ import time
 import uuid
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.actors import resize
+from cluster.actors.resize import Member
 from cluster.actors.actors import REMOTE_MEMBERS
 from cluster.dataplane.channels import remove_rings
-from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec
-from cluster.balancing.eplb import initial_placement
-from cluster.engine.executor import Executor, ExecutorFailure, error_line
+from cluster.config import ClusterConfig, KVSpec, ModelSource, ReplicaSpec, RouterSpec, ShardSpec, expert_bounds
+from cluster.balancing.eplb import ExpertPlacement, initial_placement
+from cluster.engine.executor import Executor, ExecutorFailure, ResizeOutcome, ResizeRefused, error_line
 from cluster.dataplane.messages import ActorInfo, ReplicaStep, RouterStep, StepResult
 from cluster.dataplane.names import ENGINE, REPLICA_ROLE, ROUTER, ROUTER_ROLE, SHARD_ROLE, replica_name, shard_name
 from cluster.actors.placement import bundle, connect_ray, release, reserve
@@ -46,6 +50,8 @@ STOP_TIMEOUT_S = 5.0  # an actor that cannot acknowledge `stop` within this is t
 
 
 class ClusterExecutor(Executor):
+    router_name = ROUTER
+
     def __init__(self, source: ModelSource, cluster: ClusterConfig, kv: KVSpec, ray_address: str | None = None) -> None:
         self.source, self.cluster, self.kv = source, cluster, kv
         self.config = source.config()
@@ -62,29 +68,25 @@ class ClusterExecutor(Executor):
         self._store = None  # the TCPStore of the torch.distributed groups, when a plane has any
         self.restarts = 0
 
+        self.placement0 = placement
         c = cluster
-        members: list[tuple[str, str, Spec, float, dict[str, float]]] = [  # name, role, spec, GPUs, resources
-            (replica_name(i), REPLICA_ROLE, ReplicaSpec(source, i, kv, c.gpus_per_attention_replica > 0),
-             c.gpus_per_attention_replica, c.attention_replica_resources) for i in range(c.attention_replicas)]
-        device = c.dispatch == "device" or (c.dispatch == "auto" and c.gpus_per_router > 0)
-        members.append((ROUTER, ROUTER_ROLE, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0,
-                                                                 kv.max_step_tokens,
-                                                                 DEVICE_DISPATCH_ROWS if device else 0),
-                        c.gpus_per_router, c.router_resources))
-        members += [(shard_name(j), SHARD_ROLE, ShardSpec(source, j, self.bounds[j], placement.shard(j),
-                                                          c.gpus_per_expert_shard > 0, kv.max_step_tokens),
-                     c.gpus_per_expert_shard, c.expert_shard_resources) for j in range(len(self.bounds))]
+        members = [self.member(REPLICA_ROLE, i, placement) for i in range(c.attention_replicas)]
+        members.append(self.member(ROUTER_ROLE, 0, placement))
+        members += [self.member(SHARD_ROLE, j, placement) for j in range(len(self.bounds))]
         connect_ray(ray_address, len(members) * c.cpus_per_actor)
-        self.pg = reserve([bundle(c.cpus_per_actor, g, extra) for *_, g, extra in members], c.placement_strategy,
+        self.pg = reserve([bundle(c.cpus_per_actor, m.gpus, m.resources) for m in members], c.placement_strategy,
                           c.recovery_timeout_s)
         self.actors = {
-            name: REMOTE_MEMBERS[role].options(
-                num_cpus=c.cpus_per_actor, num_gpus=gpus, resources=extra or None, max_restarts=c.max_restarts,
-                max_task_retries=0,
+            m.name: REMOTE_MEMBERS[m.role].options(
+                num_cpus=c.cpus_per_actor, num_gpus=m.gpus, resources=m.resources or None,
+                max_restarts=c.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(role, spec, c.threads(role))
-            for i, (name, role, spec, gpus, extra) in enumerate(members)
+            ).remote(m.role, m.spec, c.threads(m.role))
+            for i, m in enumerate(members)
         }
+        self.groups: dict[str, PlacementGroup] = {}  # actors a resize added: the group each came in
+        self.pending: resize.PendingResize | None = None
+        self._ended: ResizeOutcome | None = None  # a resize a recovery cancelled, not reported yet
         self.balancer = Rebalancer(placement, c.eplb_interval, self.actors[ROUTER],
                                    [self.actors[shard_name(j)] for j in range(len(self.bounds))])
         try:
@@ -93,6 +95,24 @@ class ClusterExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
+
+    def member(self, role: str, index: int, placement: ExpertPlacement | None = None) -> Member:
+        """The actor of `role` and `index`; a shard's slots come from `placement` (default: the current)."""
+        c, source, kv = self.cluster, self.source, self.kv
+        if role == REPLICA_ROLE:
+            return Member(replica_name(index), role, ReplicaSpec(source, index, kv, c.gpus_per_attention_replica > 0),
+                          c.gpus_per_attention_replica, c.attention_replica_resources)
+        placement = placement or (self.balancer.placement if hasattr(self, "balancer") else self.placement0)
+        if role == ROUTER_ROLE:
+            device = c.dispatch == "device" or (c.dispatch == "auto" and c.gpus_per_router > 0)
+            return Member(ROUTER, role, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0,
+                                                   kv.max_step_tokens, DEVICE_DISPATCH_ROWS if device else 0),
+                          c.gpus_per_router, c.router_resources)
+        bounds = expert_bounds(self.config.num_experts, len(placement.capacity)) \
+            if len(placement.capacity) != len(self.bounds) else self.bounds
+        return Member(shard_name(index), role, ShardSpec(source, index, bounds[index], placement.shard(index),
+                                                         c.gpus_per_expert_shard > 0, kv.max_step_tokens),
+                      c.gpus_per_expert_shard, c.expert_shard_resources)
 
     # -- setup -----------------------------------------------------------------------------------
     def _wait_ready(self, timeout_s: float) -> None:
@@ -225,8 +245,9 @@ class ClusterExecutor(Executor):
                 raise ExecutorFailure(f"{name} is down: {reason}")
 
     # -- recovery --------------------------------------------------------------------------------
-    def recover(self) -> None:
-        started = time.monotonic()
+    def stop_loops(self) -> set[str]:
+        """End every actor's loop and close the plane; kill what does not answer (Ray restarts it).
+        -> the actors that were dead or killed."""
         if self.endpoint is not None:
             self.endpoint.close()
         stops = {name: a.stop.remote() for name, a in self.actors.items()}
@@ -241,26 +262,83 @@ class ClusterExecutor(Executor):
             except RayActorError:
                 gone.add(name)  # dead: Ray is restarting it
         for name, ref in self.serving.items():
-            if name in gone:
+            if name in gone or name not in self.actors:
                 continue
             try:
                 ray.get(ref, timeout=STOP_TIMEOUT_S)
             except GetTimeoutError:
                 log.warning("%s's loop does not end; killing it", name)
                 ray.kill(self.actors[name], no_restart=False)
+                gone.add(name)
             except Exception:  # its failure was already reported by execute
                 pass
+        return gone
+
+    def restart_plane(self) -> None:
+        """A new plane epoch over the current actor set (the loops are stopped)."""
+        self._wait_ready(self.cluster.recovery_timeout_s)
+        remove_rings(f"gptoss-{self._uid}-{self._epoch}-")
+        self._start_plane()
+
+    def recover(self) -> None:
+        started = time.monotonic()
+        if self.pending is not None:  # its staged placement would not survive the actors' adopt below
+            self._ended, self.pending = resize.cancel(self, self.pending, "a recovery interrupted it"), None
+        self.stop_loops()
         self._wait_ready(self.cluster.recovery_timeout_s)
         ray.get([self.actors[replica_name(i)].reset.remote() for i in range(self.num_replicas)])
         self.balancer.after_recovery()
-        remove_rings(f"gptoss-{self._uid}-{self._epoch}-")
-        self._start_plane()
+        self.restart_plane()
         self.restarts += 1
         log.warning("cluster recovered in %.1fs (recovery %d)", time.monotonic() - started, self.restarts)
 
+    # -- live resize (resize.py) -------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return len(self.bounds)
+
+    def start_resize(self, replicas: int, shards: int, reason: str, timeout_s: float | None = None) -> None:
+        if self.pending is not None:
+            raise ResizeRefused("another resize is under way")
+        self.pending = resize.begin(self, replicas, shards, reason, timeout_s or self.cluster.resize_timeout_s)
+
+    def poll_resize(self) -> ResizeOutcome | None:
+        if self._ended is not None:
+            ended, self._ended = self._ended, None
+            return ended
+        if self.pending is None:
+            return None
+        pending = self.pending
+        try:
+            outcome = resize.advance(self, pending)
+        except BaseException:  # the switch failed half way: the engine recovers on the new actor set
+            self.pending = None
+            raise
+        if outcome is not None:
+            self.pending = None
+        return outcome
+
+    def add_actor(self, name: str, actor: ActorHandle, group: PlacementGroup | None) -> None:
+        self.actors[name] = actor
+        if group is not None:
+            self.groups[name] = group
+        # data-plane order: replicas, router, shards (by index)
+        order = [replica_name(i) for i in range(len(self.actors))] + [ROUTER] + \
+            [shard_name(j) for j in range(len(self.actors))]
+        self.actors = {n: self.actors[n] for n in order if n in self.actors}
+
+    def remove_actor(self, name: str) -> None:
+        ray.kill(self.actors.pop(name), no_restart=True)
+        self.serving.pop(name, None)
+        group = self.groups.pop(name, None)
+        if group is not None and group not in self.groups.values():  # its group's last actor
+            release(group)
+
     # -- introspection ---------------------------------------------------------------------------
     def topology(self) -> list[ActorInfo]:
-        return list(self.infos.values())
+        """The actors of the serving plane; a shard's experts are its home range of the current split."""
+        return [dataclasses.replace(info, experts=list(self.bounds[info.index])) if info.role == SHARD_ROLE else info
+                for info in self.infos.values()]
 
     def stats(self) -> ExecutorStats:
         replicas = [replica_name(i) for i in range(self.num_replicas)]
@@ -274,6 +352,11 @@ class ClusterExecutor(Executor):
         return self.balancer.rebalance_now()
 
     def shutdown(self) -> None:
+        if getattr(self, "pending", None) is not None:
+            resize.cancel(self, self.pending, "the engine shut down")
+            self.pending = None
+        for group in set(getattr(self, "groups", {}).values()):
+            release(group)
         for actor in getattr(self, "actors", {}).values():  # first: a closed endpoint would end their loops
             ray.kill(actor, no_restart=True)                # with an error that nobody reads
         if self.endpoint is not None:

@@ -50,6 +50,19 @@ class Rebalancer:
         self._staging: Staging | None = None
         self._demand: np.ndarray | str | None = None
         self._lock = threading.Lock()
+        self.paused = False  # a resize stages its own placement (resize.py): no rebalance meanwhile
+
+    def pause(self) -> None:
+        """Until `resume`: no placement is staged or switched (a staged one is dropped; the shards'
+        next stage replaces it)."""
+        self.paused = True
+        self._staging = self._load_ref = None
+
+    def resume(self, placement: ExpertPlacement | None = None, shards: list[ActorHandle] | None = None) -> None:
+        """After a resize: its placement and shards, when it changed them."""
+        if placement is not None and shards is not None:
+            self.placement, self.shards = placement, shards
+        self.paused = False
 
     def request(self, load: np.ndarray | None = None) -> None:
         """Rebalance at the next step boundary, by `load` [L, E] or by the router's recent counts."""
@@ -59,6 +72,8 @@ class Rebalancer:
     def before_step(self) -> ExpertPlacement | None:
         """At the boundary before a step that routes tokens: the placement it switches to, if any."""
         self._steps += 1
+        if self.paused:
+            return None
         with self._lock:
             demand, self._demand = self._demand, None
         if self.interval and self._steps % self.interval == 0 and demand is None:
@@ -82,6 +97,8 @@ class Rebalancer:
     def rebalance_now(self) -> bool:
         """Stage a placement by the router's counts and wait until every shard has it; the next step
         switches. -> whether the placement changes."""
+        if self.paused:
+            return False
         if self._staging is not None:
             ray.get(self._staging.refs)
             return True

@@ -70,10 +70,28 @@ class Router:
         """Routing state is per step; nothing to forget."""
 
     def adopt(self, placement: ExpertPlacement) -> None:
+        if hasattr(self, "shard_tokens") and len(placement.capacity) != self.shard_tokens.shape[1]:
+            self._resize_shards(len(placement.capacity))  # a resize changed the shard count (resize.py)
         self.placement = placement
         self.tables: list[CopyTable] = [copy_table(slots, self.config.num_experts) for slots in placement.layers]
         self.copies: list[DeviceCopies] = [device_copies(slots, self.config.num_experts, self.device)
                                            for slots in placement.layers] if self.spec.device_dispatch_rows else []
+
+    def _resize_shards(self, m: int) -> None:
+        """Per-shard counts for `m` shards: the surviving shards keep theirs, new ones start at zero
+        (between steps: the step's counts are empty)."""
+        def fit(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((a.shape[0], m), dtype=a.dtype)
+            n = min(m, a.shape[1])
+            out[:, :n] = a[:, :n]
+            return out
+
+        with self._lock:
+            self.shard_tokens, self._window_shards, self._step_shards = (
+                fit(self.shard_tokens), fit(self._window_shards), fit(self._step_shards))
+            self._window = deque((experts, fit(shards)) for experts, shards in self._window)
+        self._on_device = torch.zeros(self.config.num_hidden_layers, self.config.num_experts + m, dtype=torch.long,
+                                      device=self.device)
 
     def expert_load(self) -> ExpertLoad:
         """Routed assignments per layer and expert over the last `window` steps."""

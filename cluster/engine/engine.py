@@ -14,15 +14,19 @@ leader's prompt is in the prefix cache, then share its blocks instead of computi
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Callable
 
 from cluster.config import EngineConfig
 from cluster.engine.events import EngineUnavailable, Event, RequestHandle, RequestTimes
-from cluster.engine.executor import Executor, ExecutorFailure
+from cluster.engine.autoscale import Autoscaler, Signals
+from cluster.engine.executor import Executor, ExecutorFailure, ResizeOutcome, ResizeRefused
 from cluster.dataplane.messages import StepResult
 from cluster.engine.scheduler import Finished, Schedule, Scheduler, Seq
 from cluster.telemetry import EngineLoad
@@ -32,8 +36,25 @@ from model_shards.sampling import SamplingParams, new_seed
 
 log = logging.getLogger(__name__)
 
+RESIZE_POLL_S = 0.05  # while a resize is pending and nothing runs, how often the loop looks at it
+AUTOSCALE_POLL_S = 0.25  # with --autoscale and nothing running, how often the loop reads its signals
+RECENT_STEPS = 32  # steps whose shard compute share the autoscaler reads
+
+
+@dataclass
+class ScaleRequest:
+    """A resize asked for (by hand or by the autoscaler), answered when the new plane serves."""
+
+    replicas: int | None  # None: keep the count
+    shards: int | None
+    reason: str
+    timeout_s: float | None = None  # None: --resize-timeout
+    done: Future[ResizeOutcome] = field(default_factory=Future)
+
+
 class Engine:
-    def __init__(self, executor: Executor | Callable[[], Executor], config: EngineConfig | None = None) -> None:
+    def __init__(self, executor: Executor | Callable[[], Executor], config: EngineConfig | None = None,
+                 autoscaler: Autoscaler | None = None) -> None:
         """`executor`, or a function that builds one: then it is built in the engine's own thread, which
         runs every step. With OpenMP, torch work in a second thread after the first one has run any is
         slow (two thread teams contend for the cores: docs/measurements.md), so a local engine loads
@@ -64,6 +85,11 @@ class Engine:
         self.last_error: str | None = None
         self._stopped = False
         self._draining = False
+        self.autoscaler = autoscaler
+        self.resizes: list[ResizeOutcome] = []  # every resize that ended, in order (metrics, tests)
+        self._scale_requests: collections.deque[ScaleRequest] = collections.deque()
+        self._resizing: ScaleRequest | None = None
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT_STEPS)  # (shard s, step s)
         self._started.set()
 
     def _run_thread(self, executor: Executor | Callable[[], Executor]) -> None:
@@ -124,6 +150,23 @@ class Engine:
         handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
         return [h.result(timeout) for h in handles]
 
+    def scale(self, attention_replicas: int | None = None, expert_shards: int | None = None, reason: str = "manual",
+              timeout_s: float | None = None) -> Future[ResizeOutcome]:
+        """Resize at a step boundary (resize.py), from any thread: the future is answered with the
+        outcome once the new plane serves, or once the resize failed and the old plane serves on (then
+        `outcome.error` says why); it raises ResizeRefused for counts that cannot work."""
+        request = ScaleRequest(attention_replicas, expert_shards, reason, timeout_s)
+        with self._lock:
+            if self._stopped or self._draining:
+                raise ResizeRefused("the server is shutting down")
+            self._scale_requests.append(request)
+            self._lock.notify()
+        return request.done
+
+    def counts(self) -> tuple[int, int]:
+        """(attention replicas, expert shards) of the serving plane."""
+        return self.executor.num_replicas, self.executor.num_shards
+
     def load(self) -> EngineLoad:
         with self._lock:
             s = self.scheduler
@@ -160,17 +203,105 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not self._stopped and not (self.scheduler.has_work or self._aborts):
-                        self._lock.wait()
+                    if not self._stopped and not (self.scheduler.has_work or self._aborts or self._scale_requests):
+                        self._lock.wait(self._idle_wait())
                     if self._stopped:
+                        self._end_scaling("the engine shut down")
                         return
                     self._apply_aborts()
-                    schedule = self.scheduler.schedule()
-                if schedule.steps:
+                self._scale_step()
+                with self._lock:
+                    schedule = self.scheduler.schedule() if self.scheduler.has_work else None
+                if schedule is not None and schedule.steps:
                     self._run(schedule)
         except Exception as exc:  # a bug here must not leave clients waiting forever
             log.exception("engine loop failed")
             self._fail_everything(f"engine loop failed: {exc}")
+            self._end_scaling(f"engine loop failed: {exc}")
+
+    def _idle_wait(self) -> float | None:
+        """How long the loop may sleep with nothing to run: until notified, unless a resize or the
+        autoscaler needs looking at."""
+        if self._resizing is not None:
+            return RESIZE_POLL_S
+        return AUTOSCALE_POLL_S if self.autoscaler is not None else None
+
+    # -- resizing (at step boundaries, on this thread) ---------------------------------------------
+    def _scale_step(self) -> None:
+        if self._resizing is None:
+            with self._lock:
+                request = self._scale_requests.popleft() if self._scale_requests else None
+            if request is None and self.autoscaler is not None:
+                request = self._autoscale()
+            if request is not None:
+                self._start_resize(request)
+        if self._resizing is not None:
+            try:
+                outcome = self.executor.poll_resize()
+            except ExecutorFailure as exc:  # the switch failed half way: recover on the new actor set
+                outcome = None
+                self._sync_replicas()
+                self.failures.append((time.monotonic(), str(exc)))
+                self._recover(str(exc))
+            if outcome is not None:
+                self._resized(outcome)
+
+    def _start_resize(self, request: ScaleRequest) -> None:
+        replicas, shards = self.counts()
+        target = (request.replicas or replicas, request.shards or shards)
+        if target == (replicas, shards):
+            request.done.set_result(ResizeOutcome(request.reason, (replicas,) * 2, (shards,) * 2, 0.0))
+            return
+        try:
+            self.executor.start_resize(*target, request.reason, request.timeout_s)
+        except ResizeRefused as exc:
+            request.done.set_exception(exc)
+            return
+        self._resizing = request
+
+    def _resized(self, outcome: ResizeOutcome) -> None:
+        request, self._resizing = self._resizing, None
+        moved = self._sync_replicas()
+        if outcome.ok:
+            log.info("resized (%s) in %.1fs: attention replicas %d -> %d, expert shards %d -> %d; %d sequences "
+                     "moved", outcome.reason, outcome.seconds, *outcome.replicas, *outcome.shards, moved)
+        self.resizes.append(outcome)
+        self._recent.clear()  # the new plane's timings start over
+        if self.autoscaler is not None:
+            self.autoscaler.resized()
+        if request is not None:
+            request.done.set_result(outcome)
+
+    def _sync_replicas(self) -> int:
+        """The scheduler's replica count follows the executor's (resize.py). -> sequences moved."""
+        with self._lock:
+            if len(self.scheduler.replicas) == self.executor.num_replicas:
+                return 0
+            moved = self.scheduler.resize(self.executor.num_replicas)
+            self._lock.notify()
+            return moved
+
+    def _autoscale(self) -> ScaleRequest | None:
+        assert self.autoscaler is not None
+        replicas, shards = self.counts()
+        with self._lock:
+            kv, waiting = self.scheduler.kv_usage(), self.scheduler.num_waiting
+        busy = sum(step for _, step in self._recent)
+        share = sum(shard for shard, _ in self._recent) / busy if busy > 0 else None
+        decision = self.autoscaler.observe(Signals(time.monotonic(), replicas, shards, kv, waiting, share))
+        if decision is None:
+            return None
+        log.info("%s: asking for %d attention replicas and %d expert shards (KV usage %.2f, %d waiting)",
+                 decision.reason, decision.replicas, decision.shards, kv, waiting)
+        return ScaleRequest(decision.replicas, decision.shards, decision.reason)
+
+    def _end_scaling(self, why: str) -> None:
+        """Answer every resize request still open (shutdown, or a broken loop)."""
+        for request in [*self._scale_requests, *([self._resizing] if self._resizing else [])]:
+            if not request.done.done():
+                request.done.set_exception(ResizeRefused(why))
+        self._scale_requests.clear()
+        self._resizing = None
 
     def _apply_aborts(self) -> None:
         seqs = [self._by_request[r] for r in self._aborts if r in self._by_request]
@@ -178,6 +309,7 @@ class Engine:
         self._report(self.scheduler.abort(seqs))
 
     def _run(self, schedule: Schedule) -> None:
+        started = time.perf_counter()
         try:
             results = self.executor.execute(schedule.steps)
         except ExecutorFailure as exc:
@@ -186,6 +318,7 @@ class Engine:
             self._recover(str(exc))
             return
         self.steps += 1
+        self._recent.append((max(r.shard_s for r in results.values()), time.perf_counter() - started))
         with self._lock:
             self._apply(results, schedule)
 

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +36,27 @@ log = logging.getLogger(__name__)
 
 class ExecutorFailure(RuntimeError):
     """A step could not complete (an actor died, hung, or raised; the KV cache or memory ran out)."""
+
+
+class ResizeRefused(ValueError):
+    """A resize that cannot start: counts out of range, another resize under way, an executor that
+    cannot change its actors (the local one)."""
+
+
+@dataclass(frozen=True)
+class ResizeOutcome:
+    """How a resize (cluster/actors/resize.py) ended: the engine books it (scheduler, metrics, logs) and
+    answers whoever asked."""
+
+    reason: str  # manual | autoscale: <signal> | ...; the metrics' label and the log line
+    replicas: tuple[int, int]  # attention replicas before, after (after == before when it failed)
+    shards: tuple[int, int]  # expert shards before, after
+    seconds: float  # from the request to the new plane serving (or to the failure)
+    error: str | None = None  # why it failed; the engine keeps serving on the old plane
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 def error_line(report: str) -> str:
@@ -73,6 +95,21 @@ class Executor(ABC):
         """Place experts by the recent routed load now (staged when this returns, switched at the next
         step). -> whether the placement changes. The local engine holds every expert: never."""
         return False
+
+    # -- live resize (the cluster only; resize.py) -------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return 1
+
+    def start_resize(self, replicas: int, shards: int, reason: str, timeout_s: float | None = None) -> None:
+        """Begin placing and loading actors for `replicas` attention replicas and `shards` expert
+        shards while steps go on; `poll_resize` finishes it at a step boundary. Raises ResizeRefused."""
+        raise ResizeRefused("this engine cannot resize: the local engine holds the whole model in one process")
+
+    def poll_resize(self) -> ResizeOutcome | None:
+        """At a step boundary, from the engine's thread: switch to the new plane once it is ready (or
+        give up at the timeout). -> the outcome once the resize ended, else None."""
+        return None
 
     def enter_thread(self) -> None:
         """Called by the thread that will run execute() (the engine's loop), before its first step."""

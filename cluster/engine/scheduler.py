@@ -208,6 +208,26 @@ class Scheduler:
         self.waiting = resumed + self.waiting  # resumed first, in their order
         return gave_up
 
+    def resize(self, num_replicas: int) -> int:
+        """The executor switched to `num_replicas` attention replicas (resize.py). New replicas start
+        empty; the sequences of removed ones (the highest indices) lose their KV and go back to the
+        front of the queue, in their order, to be prefilled again on the remaining replicas, as after a
+        failure but without counting an attempt. The sequences of surviving replicas are untouched.
+        -> how many sequences moved."""
+        old = len(self.replicas)
+        for r in range(old, num_replicas):
+            self.replicas.append(ReplicaKV(self.kv.num_blocks, self.replicas[0].sliding.num_blocks, self.kv.block_size,
+                                           self.replicas[0].window, self.config.prefix_caching))
+            self._release[r] = []
+        moved = [s for s in self.running if s.replica is not None and s.replica >= num_replicas]
+        for seq in moved:
+            seq.replica, seq.cached, seq.hit = None, 0, 0
+        del self.replicas[num_replicas:]
+        self._release = {r: ids for r, ids in self._release.items() if r < num_replicas}
+        self.running = [s for s in self.running if s not in moved]
+        self.waiting = moved + self.waiting
+        return len(moved)
+
     def drain(self, reason: str, error: str) -> list[Finished]:
         """End every sequence, waiting ones first (shutdown, or an executor that cannot recover). The KV
         books are left as they are: the executor behind them is shutting down or broken."""

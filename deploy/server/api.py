@@ -15,7 +15,7 @@ from cluster.engine.engine import Engine
 from deploy.server import errors
 from deploy.server.metrics import ServerMetrics
 from deploy.server.middleware import install_middleware
-from deploy.server.routes import chat, completions, responses, system
+from deploy.server.routes import admin, chat, completions, responses, system
 from deploy.server.service import ApiService, ApiSettings
 
 __all__ = ["ApiSettings", "create_api"]
@@ -29,7 +29,7 @@ def create_api(engine: Engine, settings: ApiSettings, metrics: ServerMetrics | N
     app.state.service = ApiService(engine, settings, metrics or ServerMetrics(engine, settings.model_name))
     errors.install(app)
     install_middleware(app, settings.api_key, settings.max_body_bytes)
-    for module in (system, chat, completions, responses):
+    for module in (system, chat, completions, responses, admin):
         app.include_router(module.router)
     _document_model_name(app, settings.model_name)
     return app

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.engine.events import EngineOverloaded, EngineUnavailable
+from cluster.engine.executor import ResizeRefused
 from model_shards.chat import ChatFormatError
 from model_shards.requests import InvalidRequest
 
@@ -58,6 +59,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), "invalid_request_error", exc.param, exc.code)
     if isinstance(exc, ChatFormatError):
         return APIError(400, str(exc), "invalid_request_error", "messages")
+    if isinstance(exc, ResizeRefused):  # counts that cannot work, another resize under way, the local engine
+        return APIError(400, str(exc), "invalid_request_error", None, "resize_refused")
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), "rate_limit_error", None, "server_overloaded",
                         {"Retry-After": str(RETRY_AFTER_S)})
@@ -99,6 +102,6 @@ def install(app: FastAPI) -> None:
     # Known classes are answered where they are raised; only the catch-all goes through
     # Starlette's server-error path (which also logs the exception).
     for cls in (RequestValidationError, StarletteHTTPException, APIError, InvalidRequest, ChatFormatError,
-                EngineOverloaded, EngineUnavailable, TimeoutError, Exception):
+                ResizeRefused, EngineOverloaded, EngineUnavailable, TimeoutError, Exception):
         app.add_exception_handler(cls, handle)
 

@@ -25,11 +25,14 @@ from ray.util.metrics import Gauge
 from cluster.engine.engine import Engine
 from cluster.engine.events import RequestTimes
 from cluster.telemetry import ExecutorStats, HistogramSnapshot, shard_imbalance
+from cluster.telemetry import Histogram as BucketCounts
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
+RESIZE_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RESIZE_KINDS = ("manual", "autoscale")
 STATS_MAX_AGE_S = 1.0  # a scrape reuses executor stats this fresh (they cost one call per actor)
 
 
@@ -107,12 +110,43 @@ class EngineCollector(Collector):
             if stats.router.recent_shard_tokens:
                 recent.add_metric(name, shard_imbalance(stats.router.recent_shard_tokens)[1])
             rebalances.add_metric(name, float(stats.rebalances))
+        yield from self._scaling()
         yield experts
         yield steps
         yield shard_tokens
         yield imbalance
         yield recent
         yield rebalances
+
+
+    def _scaling(self) -> Iterator[Metric]:
+        """The plane's actor counts, and every resize so far (the engine keeps each outcome)."""
+        replicas, shards = self.engine.counts()
+        for metric, value, text in (("gptoss_attention_replicas", replicas, "attention replicas of the serving plane"),
+                                    ("gptoss_expert_shards", shards, "expert shards of the serving plane")):
+            family = GaugeMetricFamily(metric, text, labels=["model_name"])
+            family.add_metric([self.model_name], float(value))
+            yield family
+        # the reason label is the kind (manual, autoscale): few series, each present from the start so
+        # that dashboards find them; the signal behind an autoscale resize is in the engine's log line
+        resizes = CounterMetricFamily("gptoss_resizes", "resizes of the plane that ended, by kind (manual, autoscale) "
+                                                        "and outcome (ok, or failed: the old plane served on)",
+                                      labels=["model_name", "reason", "outcome"])
+        durations = HistogramMetricFamily("gptoss_resize_duration_seconds",
+                                          "from a resize's request to the new plane serving (or its failure)",
+                                          labels=["model_name", "reason"])
+        counts = {(kind, result): 0 for kind in RESIZE_KINDS for result in ("ok", "failed")}
+        hists = {kind: BucketCounts(RESIZE_BUCKETS, [0] * (len(RESIZE_BUCKETS) + 1)) for kind in RESIZE_KINDS}
+        for outcome in list(self.engine.resizes):
+            kind = outcome.reason.split(":")[0]
+            counts[kind, "ok" if outcome.ok else "failed"] = counts.get((kind, "ok" if outcome.ok else "failed"), 0) + 1
+            hists.setdefault(kind, BucketCounts(RESIZE_BUCKETS, [0] * (len(RESIZE_BUCKETS) + 1))).observe(outcome.seconds)
+        for (kind, result), n in sorted(counts.items()):
+            resizes.add_metric([self.model_name, kind, result], float(n))
+        for kind, hist in sorted(hists.items()):
+            durations.add_metric([self.model_name, kind], _cumulative(hist.snapshot()), hist.total)
+        yield resizes
+        yield durations
 
 
 def _cumulative(hist: HistogramSnapshot) -> list[tuple[str, float]]:

@@ -82,8 +82,8 @@ class GuardMiddleware:
             await _send_error(scope, send, problem)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        # The key guards /v1, as vLLM's does: /health, /metrics and the schema (/openapi.json) stay open.
-        if self._key_digest is not None and scope.get("path", "").startswith("/v1"):
+        # The key guards /v1, as vLLM's does, and /admin: /health, /metrics and the schema (/openapi.json) stay open.
+        if self._key_digest is not None and scope.get("path", "").startswith(("/v1", "/admin")):
             given = hashlib.sha256(headers.get("authorization", "").encode()).digest()
             if not hmac.compare_digest(given, self._key_digest):
                 await _send_error(scope, send, APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",

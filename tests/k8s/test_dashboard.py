@@ -24,7 +24,7 @@ def expressions() -> list[str]:
 def test_dashboard_covers_what_operators_watch() -> None:
     titles = " ".join(p["title"].lower() for p in DASHBOARD["panels"])
     for topic in ("time to first token", "inter-token", "tokens per second", "running and waiting", "kv cache",
-                  "per expert", "shard step"):
+                  "per expert", "shard step", "scaling", "resize duration"):
         assert topic in titles
     assert any(p["type"] == "heatmap" for p in DASHBOARD["panels"])
 

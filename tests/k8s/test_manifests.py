@@ -67,7 +67,7 @@ DOCS = manifests()
 
 def test_there_is_something_to_validate() -> None:
     kinds = [doc["kind"] for _, doc in DOCS]
-    assert kinds.count("RayService") == 3
+    assert kinds.count("RayService") == 4
     assert {"NetworkPolicy", "PodMonitor", "Secret"} <= set(kinds)
 
 
@@ -140,3 +140,23 @@ def test_pods_are_locked_down_and_sized(path: Path, doc: dict[str, Any]) -> None
     assert any(gpus) == ("cpu" not in path.name)
     serving = [c for c in _containers(doc) if c.get("readinessProbe")]
     assert serving and all(c["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000} for c in serving)
+
+
+def test_the_autoscaling_service_scales_actors_within_its_worker_groups_room() -> None:
+    """The in-tree autoscaler is on; the actors a resize adds ask for the resource that only the
+    scalable group advertises, and the groups' room covers the app's maxima."""
+    path, doc = next((p, d) for p, d in DOCS if p.name == "rayservice-cpu-autoscale.yaml")
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["autoscale"] is True
+    assert args["attention_replica_resources"] == args["expert_shard_resources"] == {"gptoss_actor": 1.0}
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    scalable = groups["actors"]
+    assert scalable["minReplicas"] == 0 < scalable["maxReplicas"]
+    room = sum(int(g["resources"].get("gptoss_actor", 0)) * g["maxReplicas"] for g in groups.values())
+    assert room >= args["max_attention_replicas"] + args["max_expert_shards"]
+    start = args["attention_replicas"] + args["expert_shards"]
+    assert int(groups["serve"]["resources"]["gptoss_actor"]) == start  # the start fits without scaling
+    assert args["min_attention_replicas"] <= args["attention_replicas"] <= args["max_attention_replicas"]
+    assert args["min_expert_shards"] <= args["expert_shards"] <= args["max_expert_shards"]

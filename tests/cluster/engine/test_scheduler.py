@@ -281,6 +281,23 @@ def test_recovery_drops_pending_releases_and_gives_up_after_max_attempts() -> No
     assert a.finished and sched.num_unfinished == 0 and not sched.has_work
 
 
+# -- resize -------------------------------------------------------------------------------------------
+def test_a_resize_adds_empty_replicas_and_moves_the_removed_ones_sequences() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    a, b, c = make_seq(0, 10, max_tokens=8), make_seq(1, 10, max_tokens=8), make_seq(2, 10, max_tokens=8)
+    for seq in (a, b, c):
+        sched.add(seq)
+    assert sched.admitted == (a,) and sched.resize(2) == 0  # growing moves nothing
+    run_step(sched, {0: 5, 1: 7})
+    assert (a.replica, b.replica, b.out) == (0, 1, [7]) and sched.queued == (c,)
+    blocks_a = held_blocks(sched) - sched.replicas[1].full.used
+    assert sched.resize(1) == 1  # b's replica goes: b waits again, ahead of c, keeping its tokens
+    assert len(sched.replicas) == 1 and held_blocks(sched) == blocks_a and a.cached == 10
+    assert sched.queued == (b, c) and (b.replica, b.cached, b.attempts, b.out) == (None, 0, 0, [7])
+    run_step(sched, {0: 6})  # a decodes on, untouched
+    assert a.out == [5, 6] and sched.num_running == 1 and set(sched.schedule().steps) == {0}
+
+
 # -- drain --------------------------------------------------------------------------------------------
 def test_drain_ends_everything_waiting_first() -> None:
     sched = make_scheduler(max_num_seqs=1)

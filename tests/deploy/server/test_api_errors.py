@@ -149,7 +149,9 @@ def test_s1_api_key_on_every_inference_route(local_engine: Engine) -> None:
     inference = {path for path in routes if path.startswith("/v1")}
     assert inference == {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
                          "/v1/responses/{response_id}"}
-    assert not [p for p in routes if not p.startswith("/v1") and p not in ("/health", "/metrics")]
+    assert {p for p in routes if p.startswith("/admin")} == {"/admin/scale", "/admin/topology"}  # guarded too
+    assert not [p for p in routes if not p.startswith(("/v1", "/admin")) and p not in ("/health", "/metrics")]
+    assert guarded.get("/admin/topology").status_code == 401
     bodies = {"/v1/chat/completions": {"model": MODEL, "messages": USER, "max_tokens": 1},
               "/v1/completions": {"model": MODEL, "prompt": "x", "max_tokens": 1},
               "/v1/responses": {"model": MODEL, "input": "x", "max_output_tokens": 1}}
