@@ -29,7 +29,7 @@ from cluster.engine.autoscale import Autoscaler, Signals
 from cluster.engine.executor import Executor, ExecutorFailure, ResizeOutcome, ResizeRefused
 from cluster.dataplane.messages import StepResult
 from cluster.engine.scheduler import Finished, Schedule, Scheduler, Seq
-from cluster.telemetry import EngineLoad
+from cluster.telemetry import EngineLoad, shard_imbalance
 from model_shards.grammar import Constraint, GrammarError
 from model_shards.requests import Completion, InvalidRequest, validate_request
 from model_shards.sampling import SamplingParams, new_seed
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 RESIZE_POLL_S = 0.05  # while a resize is pending and nothing runs, how often the loop looks at it
 AUTOSCALE_POLL_S = 0.25  # with --autoscale and nothing running, how often the loop reads its signals
 RECENT_STEPS = 32  # steps whose shard compute share the autoscaler reads
+IMBALANCE_EVERY_S = 5.0  # how often the autoscaler reads the shards' routed load (one call per actor)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Engine:
         self._scale_requests: collections.deque[ScaleRequest] = collections.deque()
         self._resizing: ScaleRequest | None = None
         self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT_STEPS)  # (shard s, step s)
+        self._imbalance: tuple[float, float | None] = (-IMBALANCE_EVERY_S, None)  # (read at, busiest over mean)
         self._started.set()
 
     def _run_thread(self, executor: Executor | Callable[[], Executor]) -> None:
@@ -288,12 +290,29 @@ class Engine:
             kv, waiting = self.scheduler.kv_usage(), self.scheduler.num_waiting
         busy = sum(step for _, step in self._recent)
         share = sum(shard for shard, _ in self._recent) / busy if busy > 0 else None
-        decision = self.autoscaler.observe(Signals(time.monotonic(), replicas, shards, kv, waiting, share))
+        decision = self.autoscaler.observe(Signals(time.monotonic(), replicas, shards, kv, waiting, share,
+                                                   self._recent_imbalance(shards)))
         if decision is None:
             return None
         log.info("%s: asking for %d attention replicas and %d expert shards (KV usage %.2f, %d waiting)",
                  decision.reason, decision.replicas, decision.shards, kv, waiting)
         return ScaleRequest(decision.replicas, decision.shards, decision.reason)
+
+    def _recent_imbalance(self, shards: int) -> float | None:
+        """The shards' recent routed imbalance (the router's window), read every few seconds and only
+        where it can matter: more than one shard, and a policy that may remove one."""
+        assert self.autoscaler is not None
+        read_at, value = self._imbalance
+        if shards < 2 or shards <= self.autoscaler.policy.min_shards:
+            return None
+        if time.monotonic() - read_at >= IMBALANCE_EVERY_S:
+            try:
+                recent = self.executor.stats().router.recent_shard_tokens
+                value = shard_imbalance(recent)[1] if recent else None
+            except Exception as exc:  # an actor restarting: the next step notices; keep the last reading
+                log.warning("no shard load for the autoscaler: %s", exc)
+            self._imbalance = (time.monotonic(), value)
+        return value
 
     def _end_scaling(self, why: str) -> None:
         """Answer every resize request still open (shutdown, or a broken loop)."""

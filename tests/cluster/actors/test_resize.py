@@ -7,6 +7,8 @@ fills the KV cache adds a replica, which goes again after the burst."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -160,6 +162,32 @@ def test_a_resize_that_cannot_be_placed_times_out_and_serving_goes_on(
 
     assert not [pg for pg in ray.util.placement_group_table().values()
                 if pg["state"] not in ("REMOVED",) and any("gptoss_nowhere" in b for b in pg["bundles"].values())]
+
+
+def test_a_failure_while_a_resize_is_pending_cancels_it(cluster: Engine, reference: list[Completion]) -> None:
+    """The survivors have staged the 3-shard placement and the new shard waits for its resource when
+    shard 1 dies: the recovery cancels the resize, every actor holds the old placement again."""
+    ex = cluster.executor
+    config = ex.cluster
+    ex.cluster = dataclasses.replace(config, expert_shard_resources={"gptoss_nowhere": 1.0})
+    try:
+        stream = Stream(cluster, width=2)
+        time.sleep(0.5)
+        done = cluster.scale(expert_shards=3, timeout_s=120)
+        time.sleep(1.0)
+        failures = len(cluster.failures)
+        os.kill(next(a.pid for a in ex.topology() if a.role == "expert_shard" and a.index == 1), signal.SIGKILL)
+        outcome = done.result(timeout=120)
+        finished = stream.stop()
+    finally:
+        ex.cluster = config
+    assert not outcome.ok and outcome.error == "a recovery interrupted it" and outcome.shards == (2, 2)
+    assert len(cluster.failures) > failures and cluster.counts() == (1, 2)
+    assert not stream.errors
+    check(finished, reference, [])
+    stats = ex.stats()
+    assert [s.placement for s in stats.shards] == [ex.balancer.placement.version] * 2
+    assert stats.router.placement == ex.balancer.placement.version and not ex.balancer.paused
 
 
 def test_autoscale_adds_a_replica_for_a_burst_and_removes_it_after(ray_session, tiny_hf: Path) -> None:
