@@ -16,7 +16,7 @@ import torch
 from cluster.balancing.eplb import ExpertPlacement, slot_counts
 from cluster.dataplane.names import REPLICA_ROLE, ROUTER_ROLE, SHARD_ROLE
 from cluster.options import check_options, option
-from model_shards.capabilities import AUTO, parse_dtype
+from model_shards.capabilities import AUTO, parse_dtype, triton_kernels
 from model_shards.checkpoint import Checkpoint
 from model_shards.config import GptOssConfig
 from model_shards.hub import resolve_model
@@ -32,8 +32,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs that compute it natively, float32 on "
                 "other CPUs (docs/cpu.md)")
-    expert_weights: Literal["dequantize", "mxfp4"] = option(
-        "dequantize", "dequantize MXFP4 experts at load (fast) or keep them packed and decode on use (4x less memory)")
+    expert_weights: Literal["auto", "dequantize", "mxfp4"] = option(
+        "auto", "MXFP4 experts: dequantize at load, or keep them packed (4x less memory; decoded in registers by the "
+                "Triton kernels, else on use); auto: packed where the Triton kernels run (CUDA with triton), "
+                "dequantized elsewhere")
     expert_cache_mb: int = option(0, "with --expert-weights mxfp4: MiB of decoded experts each process that holds "
                                      "experts keeps, most recently used first (hot experts then skip decoding)", ge=0)
     device: str = option("cpu", "torch device of the local engine, e.g. cuda (cluster actors take GPUs through "
@@ -44,8 +46,9 @@ class ModelConfig:
         check_options(self)
 
     @property
-    def keep_mxfp4(self) -> bool:
-        return self.expert_weights == "mxfp4"
+    def keep_mxfp4(self) -> bool | None:
+        """None: decided by each process's device (ModelSource.keeps_mxfp4)."""
+        return None if self.expert_weights == "auto" else self.expert_weights == "mxfp4"
 
     def source(self) -> ModelSource:
         """What actors open; the dtype must be resolved first (EngineArgs.resolved)."""
@@ -199,12 +202,17 @@ class ModelSource:
     dtype: str = "bfloat16"
     layout: str | None = None
     expert_cache_bytes: int = 0  # decoded MXFP4 experts kept per process (weights.budget_decoded)
-    keep_mxfp4: bool = False  # MXFP4 experts stay packed and are decoded on use (--expert-weights mxfp4)
+    keep_mxfp4: bool | None = False  # MXFP4 experts stay packed (--expert-weights mxfp4); None: by device (auto)
     device: str = "cpu"  # the local engine's torch device (cluster actors take theirs from their GPUs)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    def keeps_mxfp4(self, device: torch.device | str) -> bool:
+        """Whether a process computing on `device` keeps MXFP4 experts packed: as asked, or (auto)
+        where the Triton kernels decode them in registers."""
+        return triton_kernels(device) if self.keep_mxfp4 is None else self.keep_mxfp4
 
     def open(self) -> Checkpoint:
         return Checkpoint(resolve_model(self.model), self.layout)

@@ -74,26 +74,51 @@ def attention_block(x: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, lay
     k = apply_rope(qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(t, nkv, hd), cos, sin)  # [T, nkv, d]
     v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, nkv, hd)  # [T, nkv, d]
     kv.write(layer, kv_view, k, v)
+    return x + w.out(attend_cached(q, w, cfg, layer, kv, kv_view).reshape(t, cfg.q_dim))  # heads concatenated
+
+
+def kernel_attention(normed: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, layer: int, cos: torch.Tensor,
+                     sin: torch.Tensor, kv: KVCache, kv_view: StepKV) -> torch.Tensor:
+    """attention_block's attention where the Triton kernels run (the residual add and the norm are
+    the caller's add_rms_norm): normed [T, H] -> the output projection [T, H]. RoPE and the cache
+    write are one kernel (kernels/fused.py)."""
+    from model_shards.kernels.fused import rope_write
+
+    keys, values = kv.tensors(layer)
+    rows = kv_view.slide_write_rows if cfg.is_sliding(layer) else kv_view.full_write_rows
+    q = rope_write(w.qkv(normed), cos, sin, rows, keys, values, cfg.num_attention_heads)  # [T, nq, d]
+    return w.out(attend_cached(q, w, cfg, layer, kv, kv_view).reshape(normed.shape[0], cfg.q_dim))
+
+
+def attend_cached(q: torch.Tensor, w: AttentionWeights, cfg: GptOssConfig, layer: int, kv: KVCache,
+                  view: StepKV) -> torch.Tensor:
+    """q [T, nq, d] of the step's tokens, whose keys and values are in the cache -> [T, nq, d]:
+    decoding sequences in one call (the paged kernel where it runs, else gathered rows through
+    flash.py), each prefill chunk blockwise."""
     keys, values = kv.tensors(layer)  # [rows, nkv, d]
     sliding = cfg.is_sliding(layer)
-    scale = hd ** -0.5
-    out = q.new_empty(t, nq, hd)
-    view = kv_view
-    if view.decode_tokens.numel() and view.decode_paged is not None:  # the blocks read in place (CUDA)
+    scale = cfg.head_dim ** -0.5
+    window = cfg.sliding_window if sliding else None
+    paged = view.decode_paged
+    if paged is not None:  # the blocks read in place (triton_kernels: kv_cache.py)
         from model_shards.kernels.paged_attention import paged_decode_attention
-
-        table, base = view.decode_paged.of(sliding)
+    if paged is not None and not view.chunks:  # every token decodes, in order: no scatter into `out`
+        table, base = paged.of(sliding)
+        return paged_decode_attention(q, keys, values, table, base, paged.ends, w.sinks, scale, kv.block_size, window)
+    out = q.new_empty(q.shape)
+    if view.decode_tokens.numel() and paged is not None:
+        table, base = paged.of(sliding)
         out[view.decode_tokens] = paged_decode_attention(q[view.decode_tokens], keys, values, table, base,
-                                                         view.decode_paged.ends, w.sinks, scale, kv.block_size,
-                                                         cfg.sliding_window if sliding else None)
+                                                         paged.ends, w.sinks, scale, kv.block_size, window)
     elif view.decode_tokens.numel():
         rows = view.decode_slide_rows if sliding else view.decode_full_rows  # [G, L]
         bias = view.decode_slide_bias if sliding else view.decode_full_bias
+        assert bias is not None, "gathered decode rows need their bias (kv_cache.view)"
         out[view.decode_tokens] = decode_attention(q[view.decode_tokens], gather_rows(keys, rows),
                                                    gather_rows(values, rows), bias, w.sinks, scale)
     for c in view.chunks:
         rows = c.slide_rows if sliding else c.full_rows
-        window = cfg.sliding_window if sliding else None
         out[c.first:c.first + c.length] = chunk_attention(q[c.first:c.first + c.length], gather_rows(keys, rows),
                                                           gather_rows(values, rows), c.start, window, w.sinks, scale)
-    return x + w.out(out.reshape(t, cfg.q_dim))  # heads concatenated, head-major
+    return out
+

@@ -17,6 +17,8 @@ from itertools import accumulate
 
 import torch
 
+from model_shards.syncs import host_work
+
 
 @dataclass(frozen=True)
 class SeqChunk:
@@ -47,9 +49,10 @@ def to_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[t
     device = torch.device(device)
     if device.type == "cpu":
         return tensors
-    flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])  # [sum of sizes]
-    if device.type == "cuda":
-        flat = flat.pin_memory()  # the copy below can then run asynchronously
+    with host_work():
+        flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])  # [sum of sizes]
+        if device.type == "cuda":
+            flat = flat.pin_memory()  # the copy below can then run asynchronously
     on_device = flat.to(device, non_blocking=True)
     out, offset = [], 0
     for t in tensors:

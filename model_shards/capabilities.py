@@ -13,6 +13,11 @@ CPUs differ in what torch's kernels can use. The fast paths of this project need
 fallback (CI runs the numerics tests both ways where the CPU has the fast paths). It is read once per
 process: Ray actors started by this process inherit it.
 
+Triton kernels (model_shards/kernels/) run where `triton_kernels(device)` says: on CUDA with triton
+installed, unless `GPTOSS_KERNELS=torch`; `GPTOSS_KERNELS=triton` runs them on the CPU too, which works
+only under Triton's interpreter (TRITON_INTERPRET=1): how tests and `gptoss bench` count the CUDA
+path's ops on a machine without a GPU.
+
 `--dtype auto` (the default) computes in bf16 on CUDA and on CPUs with oneDNN's bf16 path; on other
 CPUs in float32, which measured several times faster there than bf16 through the fallback (docs/cpu.md).
 """
@@ -20,6 +25,7 @@ CPUs in float32, which measured several times faster there than bf16 through the
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import platform
 import sys
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 FALLBACK_ENV = "GPTOSS_CPU_FALLBACK"
+KERNELS_ENV = "GPTOSS_KERNELS"  # auto (default), triton, torch
 AUTO = "auto"
 
 
@@ -103,6 +110,20 @@ def cpu_features() -> CpuFeatures:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what a resolved --dtype may name
+
+
+def triton_kernels(device: torch.device | str) -> bool:
+    """Whether the Triton kernels compute on `device` (read at every call: tests switch it)."""
+    asked = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if asked not in ("auto", "triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV}={asked!r}: choose auto, triton or torch")
+    if asked == "torch" or importlib.util.find_spec("triton") is None:
+        return False
+    if asked == "triton":
+        if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{KERNELS_ENV}=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        return True
+    return torch.device(device).type == "cuda"
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -10,10 +10,13 @@ each bucket's forward pass is captured once and replayed; elsewhere (and with --
 same buffers run eagerly, which is how the CPU tests it against the ordinary step. Prefill and
 mixed steps stay eager (model.layers).
 
-Graphs need a step that never reads the device on the host: bf16 dense experts (grouped matmuls).
-MXFP4 experts (decoded per expert) and float32 on CUDA loop over experts on the host, so those
-models run their static buffers eagerly; a bucket whose capture fails anyway runs eagerly from then
-on, with one warning.
+Graphs need a step that never reads the device on the host: bf16 dense experts (grouped matmuls) and
+any experts on the Triton kernels (kernels/). Without triton, MXFP4 experts (decoded per expert) and
+float32 on CUDA loop over experts on the host, so those models run their static buffers eagerly; a
+bucket whose capture fails anyway runs eagerly from then on, with one warning.
+
+A bucket's buffers are views of one byte buffer on the device, filled from one host staging buffer
+(pinned on CUDA) by one copy per step.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Callable
 
 import torch
 
-from model_shards.batch import SeqChunk, to_device
+from model_shards.batch import SeqChunk
 from model_shards.flash import aligned
 from model_shards.kv_cache import KVCache, PagedDecode, StepKV
 from model_shards.model import GptOssModel, drive
 from model_shards.moe import uses_grouped_mm
+from model_shards.syncs import host_work
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +58,46 @@ def capturable(model: GptOssModel) -> bool:
 
 @dataclass
 class DecodeBuffers:
-    """One bucket's inputs on the device: B rows, L full-attention keys, W sliding keys."""
+    """One bucket's inputs on the device: B rows, L full-attention keys, W sliding keys. Every tensor
+    but every_row is a view of `flat`."""
 
     token_ids: torch.Tensor  # [B]
     positions: torch.Tensor  # [B]
     real: torch.Tensor  # [B] long: 1 for a sequence's row, 0 for padding (what the routed-token counts add)
     rows: list[torch.Tensor]  # kv_cache.decode_host's: write rows [B] x2, full rows/seen [B, L], sliding [B, W], paged
     every_row: torch.Tensor  # [B] 0..B-1: each row is a decode token and is sampled
+    flat: torch.Tensor  # [bytes] uint8 on the device
+    staging: torch.Tensor  # [bytes] uint8 on the host (pinned on CUDA): the next step's inputs
+    offsets: list[int]  # byte offset of each input in both
+
+    @staticmethod
+    def like(host: list[torch.Tensor], device: torch.device) -> DecodeBuffers:
+        """Buffers for inputs shaped as `host` (token_ids, positions, real, then the rows)."""
+        offsets, size = [], 0
+        for t in host:
+            offsets.append(size)
+            size += -(-t.numel() * t.element_size() // 8) * 8  # each view starts 8-byte aligned
+        flat = torch.zeros(size, dtype=torch.uint8, device=device)
+        staging = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        views = [_view(flat, o, t) for o, t in zip(offsets, host)]
+        return DecodeBuffers(views[0], views[1], views[2], views[3:], torch.arange(host[0].shape[0], device=device),
+                             flat, staging, offsets)
 
     def load(self, host: list[torch.Tensor]) -> None:
-        """Host tensors in the order token_ids, positions, real, then the six rows -> the buffers (one
-        copy to the device, then device copies: the buffers' addresses never change)."""
-        own = [self.token_ids, self.positions, self.real, *self.rows]
-        for buffer, value in zip(own, to_device(host, self.token_ids.device)):
-            buffer.copy_(value)
+        """Host tensors in the order token_ids, positions, real, then the rows -> the buffers: written
+        into the staging buffer, then one copy to the device (the buffers' addresses never change).
+        The staging buffer is rewritten only after the previous step's tokens were read back, which
+        waited for its copy."""
+        with host_work():
+            for offset, t in zip(self.offsets, host):
+                _view(self.staging, offset, t).copy_(t)
+        self.flat.copy_(self.staging, non_blocking=True)
+
+
+def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """The bytes of `flat` from `offset` as a tensor of like's dtype and shape."""
+    n = like.numel() * like.element_size()
+    return flat[offset:offset + n].view(like.dtype).view(like.shape)
 
 
 # (layer, t [B, H], real [B] 0/1) -> MoE output [B, H]: the MoE of a static batch, told which rows are
@@ -107,11 +137,12 @@ class StaticDecoder:
         assert b is not None, "run() needs accepts()"
         longest = max(c.start + 1 for c in chunks)
         key = (b, aligned(longest) if self.exact else key_bucket(longest))
-        host = kv.decode_host(tuple(chunks), *key)
-        pad = b - len(chunks)
-        ids = torch.tensor(list(token_ids) + [0] * pad, dtype=torch.long)
-        positions = torch.tensor([c.start for c in chunks] + [0] * pad, dtype=torch.long)
-        real = torch.tensor([1] * len(chunks) + [0] * pad, dtype=torch.long)
+        with host_work():
+            host = kv.decode_host(tuple(chunks), *key)
+            pad = b - len(chunks)
+            ids = torch.tensor(list(token_ids) + [0] * pad, dtype=torch.long)
+            positions = torch.tensor([c.start for c in chunks] + [0] * pad, dtype=torch.long)
+            real = torch.tensor([1] * len(chunks) + [0] * pad, dtype=torch.long)
         inputs = [ids, positions, real, *host]
         buffers = self._buffers.get(key) or self._new_buffers(key, inputs)
         buffers.load(inputs)
@@ -121,9 +152,7 @@ class StaticDecoder:
         return replay()[:len(chunks)]
 
     def _new_buffers(self, key: tuple[int, int], host: list[torch.Tensor]) -> DecodeBuffers:
-        dev = self.model.device
-        made = [torch.empty(t.shape, dtype=t.dtype, device=dev) for t in host]
-        buffers = DecodeBuffers(made[0], made[1], made[2], made[3:], torch.arange(key[0], device=dev))
+        buffers = DecodeBuffers.like(host, self.model.device)
         self._buffers[key] = buffers
         return buffers
 
@@ -132,10 +161,11 @@ class StaticDecoder:
         kv = self.kv
         assert kv is not None
         full_write, slide_write, full_rows, full_seen, slide_rows, slide_seen, *paged = buffers.rows
+        gathered = not kv.paged  # the paged kernel reads tables, not rows and biases
         view = StepKV(full_write_rows=full_write, slide_write_rows=slide_write, decode_tokens=buffers.every_row,
-                      decode_full_rows=full_rows, decode_full_bias=kv.bias(full_seen), decode_slide_rows=slide_rows,
-                      decode_slide_bias=kv.bias(slide_seen), chunks=[],
-                      decode_paged=PagedDecode(*paged) if kv.paged else None)
+                      decode_full_rows=full_rows, decode_full_bias=kv.bias(full_seen) if gathered else None,
+                      decode_slide_rows=slide_rows, decode_slide_bias=kv.bias(slide_seen) if gathered else None,
+                      chunks=[], decode_paged=PagedDecode(*paged) if kv.paged else None)
         layers = self.model.layers_from(buffers.token_ids, buffers.positions, buffers.every_row, kv, view)
         return drive(layers, lambda layer, t: self.moe(layer, t, buffers.real))
 

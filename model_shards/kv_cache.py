@@ -16,7 +16,6 @@ holds all its content and can be shared by sequences with the same prefix.
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,8 +23,10 @@ from typing import Callable
 import torch
 
 from model_shards.batch import SeqChunk, StepLayout, to_device
+from model_shards.capabilities import triton_kernels
 from model_shards.config import GptOssConfig
 from model_shards.flash import aligned
+from model_shards.syncs import host_work
 
 
 def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -95,9 +96,9 @@ class StepKV:
     slide_write_rows: torch.Tensor  # [T] sliding row of every new token
     decode_tokens: torch.Tensor  # [G] flat index of each one-token chunk (decoding sequences)
     decode_full_rows: torch.Tensor  # [G, Lf] rows of positions [0, Lf) (0 past a sequence's end; Lf aligned)
-    decode_full_bias: torch.Tensor  # [G, 1, 1, Lf] 0 where the key exists, -inf where it is padding
+    decode_full_bias: torch.Tensor | None  # [G, 1, 1, Lf] 0 where the key exists, -inf where padding (None: paged)
     decode_slide_rows: torch.Tensor  # [G, W] rows of the W positions ending at the token
-    decode_slide_bias: torch.Tensor  # [G, 1, 1, W]
+    decode_slide_bias: torch.Tensor | None  # [G, 1, 1, W]
     chunks: list[ChunkKV]
     decode_paged: PagedDecode | None = None  # the same keys as block tables, for the paged kernel
 
@@ -126,10 +127,10 @@ class KVCache:
             self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.tables: dict[int, SeqTables] = {}
-        self._refs: Counter[int] = Counter()
+        self._refs: Counter[int] = Counter()  # full block id -> tables that hold it (blocks are shared)
         # decode attention reads the blocks in place through the Triton kernel where it runs (CUDA
         # with triton); the CPU keeps gathered rows and its fused kernel, the faster path there
-        self.paged = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None  # full block id -> tables that hold it (blocks are shared)
+        self.paged = triton_kernels(self.device)
 
     # -- tables ----------------------------------------------------------------------------------
     def update(self, seq_id: int, update: BlockUpdate) -> None:
@@ -251,34 +252,35 @@ class KVCache:
         """The step's index tensors, computed on the host from the tables and the chunks' integers
         (nothing is read back from the device) and copied to the device at once (batch.to_device).
         Key lengths are padded to the kernels' alignment (flash.aligned) with masked rows."""
-        w = self.window
-        full_rows, slide_rows = self._rows_of(layout.chunks)
-        lengths = [c.length for c in layout.chunks]
-        seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], dtype=torch.long)  # [T]
-        positions = torch.tensor([c.start + j for c in layout.chunks for j in range(c.length)], dtype=torch.long)
-        decode = [i for i, n in enumerate(lengths) if n == 1]
-        if decode:
-            dec = self.decode_host(tuple(layout.chunks[i] for i in decode))
-        else:
-            dec = [torch.zeros(0, dtype=torch.long)] * 2 + [torch.zeros(0, 8, dtype=torch.long)] * 2 + \
-                  [torch.zeros(0, w, dtype=torch.long)] * 2 + [torch.zeros(0, 1, dtype=torch.int32),
-                                                               torch.zeros(0, dtype=torch.int32)] * 2 + \
-                  [torch.zeros(0, dtype=torch.int32)]
-        host = [full_rows(seq, positions), slide_rows(seq, positions),
-                torch.tensor([layout.first[i] for i in decode], dtype=torch.long),  # a one-token chunk's token
-                dec[2], dec[3].bool(), dec[4], dec[5].bool(), *dec[6:]]
-        prefill = [(i, c) for i, c in enumerate(layout.chunks) if c.length > 1]
-        for i, c in prefill:
-            index = torch.full((c.start + c.length,), i, dtype=torch.long)
-            spos_c = torch.arange(c.start - (w - 1), c.start - (w - 1) + aligned(w - 1 + c.length))
-            host += [full_rows(index, torch.arange(c.start + c.length)),
-                     slide_rows(index[:1].expand(spos_c.shape[0]), spos_c, c.start + c.length)]
+        with host_work():  # host tensors from Python integers: no device work
+            w = self.window
+            full_rows, slide_rows = self._rows_of(layout.chunks)
+            lengths = [c.length for c in layout.chunks]
+            seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], dtype=torch.long)  # [T]
+            positions = torch.tensor([c.start + j for c in layout.chunks for j in range(c.length)], dtype=torch.long)
+            decode = [i for i, n in enumerate(lengths) if n == 1]
+            if decode:
+                dec = self.decode_host(tuple(layout.chunks[i] for i in decode))
+            else:
+                dec = [torch.zeros(0, dtype=torch.long)] * 2 + [torch.zeros(0, 8, dtype=torch.long)] * 2 + \
+                      [torch.zeros(0, w, dtype=torch.long)] * 2 + [torch.zeros(0, 1, dtype=torch.int32),
+                                                                   torch.zeros(0, dtype=torch.int32)] * 2 + \
+                      [torch.zeros(0, dtype=torch.int32)]
+            host = [full_rows(seq, positions), slide_rows(seq, positions),
+                    torch.tensor([layout.first[i] for i in decode], dtype=torch.long),  # a one-token chunk's token
+                    dec[2], dec[3].bool(), dec[4], dec[5].bool(), *dec[6:]]
+            prefill = [(i, c) for i, c in enumerate(layout.chunks) if c.length > 1]
+            for i, c in prefill:
+                index = torch.full((c.start + c.length,), i, dtype=torch.long)
+                spos_c = torch.arange(c.start - (w - 1), c.start - (w - 1) + aligned(w - 1 + c.length))
+                host += [full_rows(index, torch.arange(c.start + c.length)),
+                         slide_rows(index[:1].expand(spos_c.shape[0]), spos_c, c.start + c.length)]
         dev = to_device(host, self.device)
         chunks = [ChunkKV(layout.first[i], c.start, c.length, dev[12 + 2 * n], dev[13 + 2 * n])
                   for n, (i, c) in enumerate(prefill)]
         return StepKV(full_write_rows=dev[0], slide_write_rows=dev[1], decode_tokens=dev[2],
-                      decode_full_rows=dev[3], decode_full_bias=self.bias(dev[4]),
-                      decode_slide_rows=dev[5], decode_slide_bias=self.bias(dev[6]), chunks=chunks,
+                      decode_full_rows=dev[3], decode_full_bias=None if self.paged else self.bias(dev[4]),
+                      decode_slide_rows=dev[5], decode_slide_bias=None if self.paged else self.bias(dev[6]), chunks=chunks,
                       decode_paged=PagedDecode(*dev[7:12]) if self.paged else None)
 
     def bias(self, seen: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from typing import Callable, Generator
 import torch
 import torch.nn.functional as F
 
-from model_shards.attention import attention_block
+from model_shards.attention import attention_block, kernel_attention
+from model_shards.capabilities import triton_kernels
 from model_shards.batch import StepLayout
 from model_shards.kv_cache import KVCache, StepKV
 from model_shards.moe import moe_block
@@ -47,6 +48,7 @@ class GptOssModel:
         self.dtype = weights.globals.embedding.dtype
         self.device = weights.globals.embedding.device
         self.rope = Rope(self.config, self.device)
+        self.kernels = triton_kernels(self.device)  # the fused Triton kernels (kernels/fused.py) run here
 
     def new_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
         return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
@@ -74,11 +76,28 @@ class GptOssModel:
         cfg, w = self.config, self.weights
         cos, sin = self.rope.cos_sin(positions, self.dtype)  # [T, d/2]
         x = embed(token_ids, w.globals)  # [T, H]
+        if self.kernels:
+            return (yield from self._kernel_layers(x, cos, sin, last_token, kv, kv_view))
         for layer in range(cfg.num_hidden_layers):
             attn = w.attention[layer]
             x = attention_block(x, attn, cfg, layer, cos, sin, kv, kv_view)
             x = x + (yield layer, rms_norm(x, attn.mlp_norm, cfg.rms_norm_eps))
         return unembed(x[last_token], w.globals, cfg.rms_norm_eps)
+
+    def _kernel_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last_token: torch.Tensor,
+                       kv: KVCache, kv_view: StepKV) -> Layers:
+        """layers_from where the Triton kernels run: each residual add joins the next norm in one
+        kernel (add_rms_norm), the attention is kernel_attention. The same math, fewer launches."""
+        from model_shards.kernels.fused import add_rms_norm
+
+        cfg, w, eps = self.config, self.weights, self.config.rms_norm_eps
+        delta: torch.Tensor | None = None  # the last block's output, not yet added to x
+        for layer in range(cfg.num_hidden_layers):
+            attn = w.attention[layer]
+            x, normed = add_rms_norm(x, delta, attn.attn_norm, eps)
+            x, t = add_rms_norm(x, kernel_attention(normed, attn, cfg, layer, cos, sin, kv, kv_view), attn.mlp_norm, eps)
+            delta = yield layer, t
+        return unembed(x[last_token] + delta[last_token], w.globals, eps)
 
 
 Layers = Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]  # GptOssModel.layers

@@ -18,11 +18,10 @@ engine's `moe_block` through `fused_experts`, an expert shard for its part of ea
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from model_shards import linear
+from model_shards.capabilities import triton_kernels
 from model_shards.config import GptOssConfig
 from model_shards.weights import (FUSED_MAX_TOKENS, STACKED_MAX_TOKENS, DenseStack, ExpertWeights, Mxfp4Stack,
                                   RouterWeights)
@@ -93,19 +92,33 @@ def is_prepacked(w: ExpertWeights) -> bool:
 
 
 def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
-    """On CUDA, bf16 dense experts run as two grouped matmuls (`torch._grouped_mm`), whatever the step:
-    no loop over experts and no host sync; MXFP4 experts likewise through the Triton kernel
-    (kernels/mxfp4_moe.py) where triton is installed. On CPU the prepacked paths take about a fifth less
-    time, from one row per expert to a prefill's hundreds (docs/measurements.md); without them a
-    decode-sized step's experts run grouped too (run_experts), at the per-expert loop's speed and
-    without its host sync."""
-    if x.device.type != "cuda":
-        return False
-    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack):
-        return importlib.util.find_spec("triton") is not None
-    return (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    """Where the experts run grouped whatever the step: the Triton kernels (`kernel_experts`), and on
+    CUDA bf16 dense experts as two grouped matmuls (`torch._grouped_mm`): no loop over experts and no
+    host sync. On CPU the prepacked paths take about a fifth less time, from one row per expert to a
+    prefill's hundreds (docs/measurements.md); without them a decode-sized step's experts run grouped
+    too (run_experts), at the per-expert loop's speed and without its host sync."""
+    if kernel_experts(x, w):
+        return True
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
             and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
+
+
+def kernel_experts(x: torch.Tensor, w: ExpertWeights, rows: int | None = None) -> bool:
+    """Whether the Triton grouped kernels (kernels/mxfp4_moe.py) compute w's experts for x: where the
+    kernels run (capabilities.triton_kernels), always for MXFP4 stacks (the weights stay packed), for
+    dense ones only up to decode-sized steps (`rows` assignments, sorted in one program), where one
+    launch per matmul with the gather and the scatter inside beats torch's grouped matmul and its
+    copies; larger dense steps keep `torch._grouped_mm` on CUDA."""
+    if not triton_kernels(x.device):
+        return False
+    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack):
+        return True
+    from model_shards.kernels.fused import sorts_here
+
+    dense = (isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack) and not is_prepacked(w)
+             and w.gate_up.weight.dtype == x.dtype)
+    return dense and (rows is None or sorts_here(rows, w.count + 1))
 
 
 def groups_on_cpu(x: torch.Tensor, w: ExpertWeights) -> bool:
@@ -137,6 +150,8 @@ def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torc
     must fall in w's range (route() and the router's dispatch make them so); the CPU checks them as it
     counts, a GPU could only with a host sync. `mine` [N] bool: only these assignments are computed
     (the others sort into a last group no matmul reads) and the others' rows are 0."""
+    if isinstance(w.gate_up, Mxfp4Stack) or kernel_experts(x, w, expert_ids.shape[0]):  # packed: only the kernel
+        return kernel_grouped(x, token_index, expert_ids, gates, w, cfg, mine)
     local = expert_ids - w.first  # [N]
     if mine is not None:
         local = torch.where(mine, local, w.count)  # the rest: group E, past every matmul's groups
@@ -148,23 +163,52 @@ def grouped_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torc
     experts = local[order].clamp(max=w.count - 1)  # [N] local expert of each sorted row (any, for the rest)
     ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
     rows = x.index_select(0, token_index[order])  # [N, H]
-    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack):  # packed: the Triton kernel
-        from model_shards.kernels.mxfp4_moe import grouped_mxfp4
-
-        act = grouped_mxfp4(rows, w.gate_up.blocks, w.gate_up.scales, w.gate_up_bias, ends,
-                            swiglu=(cfg.swiglu_limit, cfg.swiglu_alpha)).to(x.dtype)  # [N, I]
-        y = grouped_mxfp4(act, w.down.blocks, w.down.scales, w.down_bias, ends)  # [N, H] fp32
-    else:
-        assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
-        h = torch._grouped_mm(rows, w.gate_up.weight.transpose(1, 2), offs=ends)  # [N, 2I]
-        h = h + w.gate_up_bias.index_select(0, experts)
-        act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [N, I]
-        y = torch._grouped_mm(act, w.down.weight.transpose(1, 2), offs=ends) + w.down_bias.index_select(0, experts)
+    assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+    h = torch._grouped_mm(rows, w.gate_up.weight.transpose(1, 2), offs=ends)  # [N, 2I]
+    h = h + w.gate_up_bias.index_select(0, experts)
+    act = swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha).to(x.dtype)  # [N, I]
+    y = torch._grouped_mm(act, w.down.weight.transpose(1, 2), offs=ends) + w.down_bias.index_select(0, experts)
     out = torch.empty(local.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out[order] = y * gates[order].to(torch.float32)[:, None]
     if mine is not None:  # rows past the last group are whatever the matmul left there
         out = torch.where(mine[:, None], out, 0.0)
     return out
+
+
+def kernel_grouped(x: torch.Tensor, token_index: torch.Tensor | None, expert_ids: torch.Tensor, gates: torch.Tensor,
+                   w: ExpertWeights, cfg: GptOssConfig, mine: torch.Tensor | None = None,
+                   token_div: int = 1) -> torch.Tensor:
+    """grouped_experts through the Triton kernels: the assignments sorted on the device (one program
+    for decode-sized steps), then two grouped matmuls that read each assignment's row of x in place
+    (token_index, or assignment // token_div without it), put the SwiGLU in gate_up's epilogue and
+    the gate in down's, and store each output at its assignment's row. -> [N, H] fp32. Ids outside
+    w's range are not checked (a check would read the device)."""
+    from model_shards.kernels.fused import sort_assignments, sorts_here
+    from model_shards.kernels.mxfp4_moe import grouped_dense, grouped_mxfp4
+
+    n = expert_ids.shape[0]
+    local = expert_ids - w.first  # [N]
+    groups = w.count + (mine is not None)
+    if mine is not None:
+        local = torch.where(mine, local, w.count)  # the rest: group E, which no matmul reads
+    if sorts_here(n, groups):
+        order, ends = sort_assignments(local, groups)
+    else:
+        order = torch.argsort(local, stable=True).to(torch.int32)
+        ends = torch.cumsum(expert_counts(local, groups), 0, dtype=torch.int32)
+    ends = ends[:w.count]
+    out = (torch.zeros if mine is not None else torch.empty)(n, x.shape[1], dtype=torch.float32, device=x.device)
+    where = dict(order=order, ends=ends)
+    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack):
+        act = grouped_mxfp4(x, w.gate_up.blocks, w.gate_up.scales, w.gate_up_bias, **where, gather=True,
+                            token_index=token_index, token_div=token_div, out_dtype=x.dtype,
+                            swiglu=(cfg.swiglu_limit, cfg.swiglu_alpha))  # [N, I] sorted
+        return grouped_mxfp4(act, w.down.blocks, w.down.scales, w.down_bias, **where, row_scale=gates, scatter=True,
+                             out=out)
+    assert isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
+    act = grouped_dense(x, w.gate_up.weight, w.gate_up_bias, **where, gather=True, token_index=token_index,
+                        token_div=token_div, out_dtype=x.dtype, swiglu=(cfg.swiglu_limit, cfg.swiglu_alpha))
+    return grouped_dense(act, w.down.weight, w.down_bias, **where, row_scale=gates, scatter=True, out=out)
 
 
 def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -301,6 +345,12 @@ def moe_block(t: torch.Tensor, router: RouterWeights, experts: ExpertWeights, cf
     [E] (long, on t's device), when given, is incremented by the tokens routed to each expert (only
     by the rows where `real` [T] is 1, when given: a static batch's padding rows are not tokens)."""
     k = cfg.experts_per_token
+    if router.bias is not None and kernel_experts(t, experts, t.shape[0] * k):
+        from model_shards.kernels.fused import route_topk
+
+        expert_ids, gates = route_topk(t, router.weight, router.bias, k, counts, real)  # [T, K], counted
+        weighted = kernel_grouped(t, None, expert_ids.flatten(), gates.flatten(), experts, cfg, token_div=k)
+        return combine(weighted, k, t.dtype)
     expert_ids, gates = route(t, router, k)  # [T, K]
     if counts is not None:
         ids = expert_ids.flatten()

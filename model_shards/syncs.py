@@ -11,6 +11,14 @@ are wrapped while counting), so the rule "at most 2 per decode step" is tested w
 Dispatched ops that are neither views nor bare allocations each launch a kernel on a GPU: their count
 per layer says how far a step is from the handful of fused kernels per layer a CUDA graph replays.
 
+A Triton kernel launches without dispatching aten ops: its wrapper runs the launch inside
+`kernel_launch`, which counts it as one op. Under Triton's interpreter (the CPU) the launch copies its
+arguments through aten ops; those are the interpreter's, not the step's, and are not counted.
+
+Index building that works on host tensors by construction (a step's block rows, its static buffers'
+inputs) runs inside `host_work`: on a GPU those ops run on the CPU and launch nothing, so their ops
+are not counted (a sync inside still is).
+
 Counting is for tests and benchmarks only: every op pays a Python call while it runs. The mode is
 per thread (torch's dispatch-mode stack is thread-local): count in the thread that runs the step.
 """
@@ -26,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 aten = torch.ops.aten
 
@@ -43,6 +51,7 @@ SYNC_OPS = {
 FREE_OPS = {
     aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.detach.default,
     aten.lift_fresh.default, aten._local_scalar_dense.default, aten.alias.default,
+    aten.new_empty.default, aten.new_empty_strided.default,
     aten.set_.source_Storage_storage_offset, aten.resize_.default,
 }
 
@@ -111,18 +120,56 @@ class _Counting(TorchDispatchMode):
         name = str(func.overloadpacket.__name__)
         if is_sync(func, args, kwargs):
             self.count.add_sync(name)
-        if func not in FREE_OPS and not func.is_view:
+        if func not in FREE_OPS and not func.is_view and not getattr(_local, "host", False):
             self.count.ops += 1
             self.count.op_names[name] += 1
         return func(*args, **kwargs)
 
 
 _patch_lock = threading.Lock()
+_local = threading.local()  # .counts: the counts open in this thread; .paused: in a kernel launch; .host: host_work
+
+
+@contextlib.contextmanager
+def host_work() -> Iterator[None]:
+    """Ops on host tensors (built from Python values, on the CPU whatever the model's device): not
+    counted as device ops."""
+    outer = getattr(_local, "host", False)
+    _local.host = True
+    try:
+        yield
+    finally:
+        _local.host = outer
+
+
+def _open_counts() -> list[DispatchCount]:
+    if not hasattr(_local, "counts"):
+        _local.counts = []
+    return _local.counts
+
+
+@contextlib.contextmanager
+def kernel_launch(name: str) -> Iterator[None]:
+    """One Triton kernel's launch: one op for every count open in this thread, and nothing it
+    dispatches inside (the interpreter's copies) counted."""
+    counts = _open_counts()
+    if not counts:
+        yield
+        return
+    for count in counts:
+        count.ops += 1
+        count.op_names[f"triton.{name}"] += 1
+    _local.paused = True
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        _local.paused = False
 
 
 def _wrapped(method: Callable[..., Any], count: DispatchCount, name: str, owner: threading.Thread) -> Callable[..., Any]:
     def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() is owner:
+        if threading.current_thread() is owner and not getattr(_local, "paused", False):
             count.add_sync(name)
         return method(self, *args, **kwargs)
     return call
@@ -138,10 +185,12 @@ def count_dispatch(count: DispatchCount | None = None) -> Iterator[DispatchCount
         saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
         for name, method in saved.items():
             setattr(torch.Tensor, name, _wrapped(method, count, name, owner))
+    _open_counts().append(count)
     try:
         with _Counting(count):
             yield count
     finally:
+        _open_counts().remove(count)
         with _patch_lock:
             for name, method in saved.items():
                 setattr(torch.Tensor, name, method)

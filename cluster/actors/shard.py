@@ -52,7 +52,7 @@ class ExpertShard:
         self.assignments = 0  # routed assignments computed since start (plus _dense_assignments)
         with spec.source.open() as ckpt:
             self.config = ckpt.config
-            weights = [read_slots(ckpt, self.dtype, layer, ids, spec.source.keep_mxfp4) for layer, ids in enumerate(spec.slots)]
+            weights = [read_slots(ckpt, self.dtype, layer, ids, spec.source.keeps_mxfp4(self.device)) for layer, ids in enumerate(spec.slots)]
             self.bytes_read += ckpt.bytes_read
         self.slices_read += sum(map(len, spec.slots))
         self.current = self._ready(Holding(0, spec.slots, weights))
@@ -99,7 +99,7 @@ class ExpertShard:
 
     def _read(self, ckpt: Checkpoint, layer: int, ids: list[int]) -> ExpertWeights:
         """New slices, on this shard's device (where the stacks they join live)."""
-        w = read_slots(ckpt, self.dtype, layer, ids, self.spec.source.keep_mxfp4)
+        w = read_slots(ckpt, self.dtype, layer, ids, self.spec.source.keeps_mxfp4(self.device))
         move_to(w, self.device)
         return w
 

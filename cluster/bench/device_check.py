@@ -2,7 +2,8 @@
 directly on the device (nothing 20b-sized is made or quantised on the CPU), decoding at a few batch
 sizes with dense experts (bf16 on CUDA, float32 on the CPU) and with MXFP4 experts. Per row: ms per step, tokens/s, host syncs per step, kernels
 (on the CPU: dispatched ops) per layer, and the bytes a step reads over its time against the device's
-copy bandwidth. Ends with one JSON line.
+copy bandwidth. Where the Triton kernels run, each kernel's achieved GB/s too (kernel_check.py).
+Ends with one JSON line.
 
 It imports torch and model_shards only (no Ray, no tokenizer, no web stack): the bare GPU machine
 has nothing else. `--cpu` runs the same steps with the tiny preset, which is how CI tests it.
@@ -20,7 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cluster.bench.kernel_check import kernel_rows
 from model_shards.batch import SeqChunk, plan_step
+from model_shards.capabilities import triton_kernels
 from model_shards.config import GptOssConfig, preset
 from model_shards.decode_graph import StaticDecoder
 from model_shards.draw import argmax_rows
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--kernel-context", type=int, default=4096, help="keys per sequence of the attention kernel's rows")
     args = p.parse_args(argv)
     dev = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     if dev.type == "cpu" and not args.cpu:
@@ -219,10 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         del w
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    kernels = []
+    if triton_kernels(dev):  # CUDA with triton (or forced on the CPU: GPTOSS_KERNELS=triton)
+        print(f"Triton kernels, {args.kernel_context} keys per sequence:", flush=True)
+        for k in kernel_rows(cfg, dtype, dev, [int(x) for x in args.batch_sizes.split(",")], args.kernel_context,
+                             reps=20 if dev.type == "cuda" else 1):
+            kernels.append(k)
+            print(f"  {k.kernel:<14} {k.shape:<44} {k.us:9.1f} us {k.gb_per_s:8.1f} GB/s ({k.gb_per_s / copy:.0%} of copy)",
+                  flush=True)
+    else:
+        print("Triton kernels: not run here (CUDA with triton runs them)")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     print(json.dumps({"device": name, "preset": args.preset or ("tiny" if args.cpu else "gpt-oss-20b"),
                       "torch": torch.__version__, "copy_gb_per_s": copy, "input_len": args.input_len,
-                      "rows": [asdict(r) for r in rows]}))
+                      "rows": [asdict(r) for r in rows], "kernels": [asdict(k) for k in kernels]}))
     return 0
 
 

@@ -33,7 +33,7 @@ class ReplicaCore:
         dtype = source.torch_dtype
         with source.open() as ckpt:
             if with_experts:
-                weights = load_model(ckpt, dtype, keep_mxfp4=source.keep_mxfp4)
+                weights = load_model(ckpt, dtype, keep_mxfp4=source.keeps_mxfp4(device))
             else:
                 weights = ModelWeights(ckpt.config, load_globals(ckpt, dtype), load_attention(ckpt, dtype), [], [])
             read, layout = ckpt.bytes_read, ckpt.layout

@@ -13,6 +13,7 @@ from cluster.dataplane.messages import ActorInfo
 from cluster.options import OptionValue
 from deploy.config import LaunchOptions
 from deploy.cli.flags import read_options
+from model_shards.capabilities import triton_kernels
 from model_shards.chat import parse_completion, render_chat
 from model_shards.sampling import SamplingParams
 from model_shards.tokenizer import CHAT_STOP_TOKENS, TEXT_STOP_TOKENS, decode, encode
@@ -137,14 +138,15 @@ def bench(args: argparse.Namespace) -> str:
         finally:
             executor.shutdown()
     assert config is not None
-    mxfp4 = base.model.keep_mxfp4
+    asked = base.model.keep_mxfp4  # None: auto, packed where the Triton kernels run
+    mxfp4 = triton_kernels(base.model.device) if asked is None else asked
     active = active_bytes_per_token(config, 4 if base.model.dtype == "float32" else 2, mxfp4)
     local = {r.batch_size: r for r in rows if r.engine == "local"}
     overhead = [{"batch_size": r.batch_size, "step_ms": r.step_ms_p50 - local[r.batch_size].step_ms_p50,
                  "per_layer_us": (r.step_ms_p50 - local[r.batch_size].step_ms_p50) * 1e3 / config.num_hidden_layers}
                 for r in rows if r.engine == "cluster" and r.batch_size in local]
     record = DecodeReport(
-        model=str(base.model.model), dtype=base.model.dtype, expert_weights=base.model.expert_weights,
+        model=str(base.model.model), dtype=base.model.dtype, expert_weights="mxfp4" if mxfp4 else "dequantize",
         input_len=args.input_len, steps=args.steps, layers=config.num_hidden_layers,
         attention_replicas=base.cluster.attention_replicas, expert_shards=base.cluster.expert_shards,
         active_bytes_per_token=active, cluster_overhead=overhead,

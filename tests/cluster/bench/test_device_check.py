@@ -26,3 +26,21 @@ def test_gpu_check_script_runs_on_the_cpu() -> None:
         assert r["kernels_per_layer"] > 20 and r["graphs"] is False  # no CUDA here
         if experts == "dense":
             assert r["host_syncs_per_step"] <= 2
+
+
+@pytest.mark.kernels
+def test_the_kernel_rows_run_in_the_interpreter() -> None:
+    """kernel_check's harness on the tiny preset under TRITON_INTERPRET=1 (set by conftest.py): every
+    kernel once; the GB/s mean nothing here, only that each row is measured."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1")
+    from cluster.bench.kernel_check import kernel_rows
+    from model_shards.config import preset
+
+    rows = kernel_rows(preset("tiny"), torch.float32, torch.device("cpu"), [1], context=64, reps=1)
+    assert {r.kernel for r in rows} == {"paged_decode", "grouped_mxfp4", "grouped_dense", "route_topk", "add_rms_norm"}
+    assert all(r.us > 0 and r.gb_per_s > 0 for r in rows)
