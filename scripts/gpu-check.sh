@@ -18,7 +18,7 @@ if [ "${1:-}" = "--cpu" ]; then cpu=(--cpu); shift; fi
 
 # On the GPU the kernels' tests run natively too; with --cpu they are left to the test suite, which
 # runs them in Triton's interpreter already (minutes of CI time saved).
-marks="gpu or kernels"; [ ${#cpu[@]} -gt 0 ] && marks="gpu"
+marks="gpu or kernels"; [ ${#cpu[@]} -gt 0 ] && marks="gpu and not kernels"
 echo "== tests marked $marks (gpu ones skip without CUDA)"
 if "$PY" -c "import pytest" 2>/dev/null; then
   mapfile -t files < <(grep -rlE "pytest.mark.(gpu|kernels)" tests --include="*.py" | sort)

@@ -37,7 +37,8 @@ SERVER_FIXTURES = {"server", "small_server", "metrics_server", "prometheus"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Test tiers: a test that uses the session's Ray is marked `ray`, one that uses a server process
     `server` (modules that start either otherwise say so with `pytestmark`); `make test-unit` runs the
-    rest but the ones marked `slow`. GPU tests are skipped without CUDA."""
+    rest but the ones marked `slow`. GPU tests are skipped without CUDA, but for the Triton kernels' (also
+marked `kernels`), which run in the interpreter there."""
     import torch
 
     for item in items:
@@ -50,7 +51,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and "kernels" not in item.keywords:  # kernels run in the interpreter
             item.add_marker(skip)
 
 

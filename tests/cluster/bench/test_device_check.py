@@ -29,6 +29,7 @@ def test_gpu_check_script_runs_on_the_cpu() -> None:
 
 
 @pytest.mark.kernels
+@pytest.mark.gpu
 def test_the_kernel_rows_run_in_the_interpreter() -> None:
     """kernel_check's harness on the tiny preset under TRITON_INTERPRET=1 (set by conftest.py): every
     kernel once; the GB/s mean nothing here, only that each row is measured."""

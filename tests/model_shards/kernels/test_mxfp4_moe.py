@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.kernels
+pytestmark = [pytest.mark.kernels, pytest.mark.gpu]  # natively on a GPU, interpreted elsewhere
 
 if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
     pytest.importorskip("triton")

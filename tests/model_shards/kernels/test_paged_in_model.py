@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.kernels
+pytestmark = [pytest.mark.kernels, pytest.mark.gpu]  # natively on a GPU, interpreted elsewhere
 
 if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
     pytest.importorskip("triton")
