@@ -311,9 +311,12 @@ class ClusterExecutor(Executor):
         pending = self.pending
         try:
             outcome = resize.advance(self, pending)
-        except BaseException:  # the switch failed half way: the engine recovers on the new actor set
-            self.pending = None
-            raise
+        except Exception as exc:  # the switch failed half way (an actor died): the engine recovers, on the new
+            # actor set, and then the resize counts as done (reported by the next poll)
+            self.pending, self._ended = None, pending.outcome()
+            if isinstance(exc, ExecutorFailure):
+                raise
+            raise ExecutorFailure(f"the resize's switch failed: {type(exc).__name__}: {error_line(str(exc))}") from exc
         if outcome is not None:
             self.pending = None
         return outcome

@@ -154,9 +154,10 @@ def advance(ex: ClusterExecutor, p: PendingResize) -> ResizeOutcome | None:
             return None
         c = ex.cluster
         for i, m in enumerate(p.members):
+            strategy = PlacementGroupSchedulingStrategy(p.pg, placement_group_bundle_index=i)
             p.actors[m.name] = REMOTE_MEMBERS[m.role].options(
                 num_cpus=c.cpus_per_actor, num_gpus=m.gpus, resources=m.resources or None, max_restarts=c.max_restarts,
-                max_task_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(p.pg, placement_group_bundle_index=i),
+                max_task_retries=0, scheduling_strategy=strategy,
             ).remote(m.role, m.spec, c.threads(m.role))
         for m in p.members:
             actor = p.actors[m.name]
@@ -167,9 +168,11 @@ def advance(ex: ClusterExecutor, p: PendingResize) -> ResizeOutcome | None:
     try:
         ray.get(p.refs)
     except RayActorError as exc:
-        return cancel(ex, p, f"a new actor could not start: {error_line(str(exc))}")
-    except Exception as exc:  # a survivor could not stage (it died: the next step notices and recovers)
-        return cancel(ex, p, f"staging the new placement failed: {type(exc).__name__}: {error_line(str(exc))}")
+        if exc.actor_init_failed:
+            return cancel(ex, p, f"a new actor could not start: {error_line(str(exc))}")
+        return cancel(ex, p, f"an actor died before the switch: {error_line(str(exc))}")  # a survivor: recovery follows
+    except Exception as exc:  # a stage call raised (a survivor could not read its slices)
+        return cancel(ex, p, f"staging the new placement failed: {error_line(str(exc))}")
     switch(ex, p)
     outcome = p.outcome()
     log.info("resize (%s) done in %.1fs: attention replicas %d, expert shards %d", p.reason, outcome.seconds,
@@ -189,8 +192,9 @@ def switch(ex: ClusterExecutor, p: PendingResize) -> None:
     ex.num_replicas = p.replicas[1]
     if p.placement is not None:
         ex.bounds = p.bounds
-        ray.get(ex.actors[ex.router_name].adopt.remote(p.placement))
+        # the balancer first: should the router's adopt fail, the recovery adopts this placement everywhere
         ex.balancer.resume(p.placement, [ex.actors[shard_name(j)] for j in range(p.shards[1])])
+        ray.get(ex.actors[ex.router_name].adopt.remote(p.placement))
     ex.restart_plane()
 
 

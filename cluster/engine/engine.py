@@ -90,7 +90,8 @@ class Engine:
         self.resizes: list[ResizeOutcome] = []  # every resize that ended, in order (metrics, tests)
         self._scale_requests: collections.deque[ScaleRequest] = collections.deque()
         self._resizing: ScaleRequest | None = None
-        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT_STEPS)  # (shard s, step s)
+        # (shard compute s, step s) of the recent steps: the autoscaler's shard signal
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT_STEPS)
         self._imbalance: tuple[float, float | None] = (-IMBALANCE_EVERY_S, None)  # (read at, busiest over mean)
         self._started.set()
 
@@ -250,7 +251,8 @@ class Engine:
 
     def _start_resize(self, request: ScaleRequest) -> None:
         replicas, shards = self.counts()
-        target = (request.replicas or replicas, request.shards or shards)
+        target = (replicas if request.replicas is None else request.replicas,
+                  shards if request.shards is None else request.shards)
         if target == (replicas, shards):
             request.done.set_result(ResizeOutcome(request.reason, (replicas,) * 2, (shards,) * 2, 0.0))
             return

@@ -136,17 +136,22 @@ class EngineCollector(Collector):
                                           "from a resize's request to the new plane serving (or its failure)",
                                           labels=["model_name", "reason"])
         counts = {(kind, result): 0 for kind in RESIZE_KINDS for result in ("ok", "failed")}
-        hists = {kind: BucketCounts(RESIZE_BUCKETS, [0] * (len(RESIZE_BUCKETS) + 1)) for kind in RESIZE_KINDS}
+        hists = {kind: _resize_histogram() for kind in RESIZE_KINDS}
         for outcome in list(self.engine.resizes):
             kind = outcome.reason.split(":")[0]
-            counts[kind, "ok" if outcome.ok else "failed"] = counts.get((kind, "ok" if outcome.ok else "failed"), 0) + 1
-            hists.setdefault(kind, BucketCounts(RESIZE_BUCKETS, [0] * (len(RESIZE_BUCKETS) + 1))).observe(outcome.seconds)
+            key = (kind, "ok" if outcome.ok else "failed")
+            counts[key] = counts.get(key, 0) + 1
+            hists.setdefault(kind, _resize_histogram()).observe(outcome.seconds)
         for (kind, result), n in sorted(counts.items()):
             resizes.add_metric([self.model_name, kind, result], float(n))
         for kind, hist in sorted(hists.items()):
             durations.add_metric([self.model_name, kind], _cumulative(hist.snapshot()), hist.total)
         yield resizes
         yield durations
+
+
+def _resize_histogram() -> BucketCounts:
+    return BucketCounts(RESIZE_BUCKETS, [0] * (len(RESIZE_BUCKETS) + 1))
 
 
 def _cumulative(hist: HistogramSnapshot) -> list[tuple[str, float]]:

@@ -18,7 +18,7 @@ import pytest
 from cluster.config import ClusterConfig, EngineConfig, KVSpec, ModelSource
 from cluster.engine.autoscale import AutoscalePolicy, Autoscaler
 from cluster.engine.engine import Engine
-from cluster.engine.executor import ResizeOutcome
+from cluster.engine.executor import ResizeOutcome, ResizeRefused
 from model_shards.requests import Completion
 from model_shards.sampling import SamplingParams
 from tests.cluster.actors.test_failures import prompts
@@ -164,6 +164,14 @@ def test_a_resize_that_cannot_be_placed_times_out_and_serving_goes_on(
                 if pg["state"] not in ("REMOVED",) and any("gptoss_nowhere" in b for b in pg["bundles"].values())]
 
 
+def test_counts_that_cannot_work_are_refused_at_once(cluster: Engine) -> None:
+    for replicas, shards in ((0, None), (None, 0), (None, cluster.model_config.num_experts + 1)):
+        with pytest.raises(ResizeRefused):
+            cluster.scale(replicas, shards).result(timeout=30)
+    same = cluster.scale().result(timeout=30)
+    assert same.ok and same.seconds == 0.0 and cluster.counts() == (1, 2)
+
+
 def test_a_failure_while_a_resize_is_pending_cancels_it(cluster: Engine, reference: list[Completion]) -> None:
     """The survivors have staged the 3-shard placement and the new shard waits for its resource when
     shard 1 dies: the recovery cancels the resize, every actor holds the old placement again."""
@@ -188,6 +196,33 @@ def test_a_failure_while_a_resize_is_pending_cancels_it(cluster: Engine, referen
     stats = ex.stats()
     assert [s.placement for s in stats.shards] == [ex.balancer.placement.version] * 2
     assert stats.router.placement == ex.balancer.placement.version and not ex.balancer.paused
+
+
+def test_a_switch_that_fails_half_way_recovers_on_the_new_plane(cluster: Engine, reference: list[Completion],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.engine.executor import ExecutorFailure
+
+    ex = cluster.executor
+    real = ex.restart_plane
+    calls: list[int] = []
+
+    def fails_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ExecutorFailure("the new plane could not start")
+        real()
+
+    monkeypatch.setattr(ex, "restart_plane", fails_once)
+    stream = Stream(cluster, width=2)
+    failures = len(cluster.failures)
+    outcome = cluster.scale(2).result(timeout=120)
+    monkeypatch.undo()
+    finished = stream.stop()
+    assert outcome.ok and outcome.replicas == (1, 2) and cluster.counts() == (2, 2) and len(calls) == 2
+    assert cluster.failures[failures][1] == "the new plane could not start"
+    assert not stream.errors
+    check(finished, reference, [])
+    assert cluster.scale(1).result(timeout=120).ok and cluster.counts() == (1, 2)
 
 
 def test_autoscale_adds_a_replica_for_a_burst_and_removes_it_after(ray_session, tiny_hf: Path) -> None:
