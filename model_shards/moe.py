@@ -63,7 +63,7 @@ def run_experts(x: torch.Tensor, token_index: torch.Tensor, expert_ids: torch.Te
     out = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device)  # every row is written below
     if n == 0:
         return out
-    if uses_grouped_mm(x, w) or (n <= ROW_BLOCK and groups_on_cpu(x, w)):
+    if uses_grouped_mm(x, w, n) or (n <= ROW_BLOCK and groups_on_cpu(x, w)):
         return grouped_experts(x, token_index, expert_ids, gates, w, cfg)
     order = torch.argsort(expert_ids, stable=True)  # [N] assignments grouped by expert
     experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
@@ -91,20 +91,23 @@ def is_prepacked(w: ExpertWeights) -> bool:
     return isinstance(w.gate_up, DenseStack) and any(p is not None for p in w.gate_up.packed)
 
 
-def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights) -> bool:
+def uses_grouped_mm(x: torch.Tensor, w: ExpertWeights, rows: int | None = None) -> bool:
     """Where the experts run grouped whatever the step: the Triton kernels (`kernel_experts`), and on
     CUDA bf16 dense experts as two grouped matmuls (`torch._grouped_mm`): no loop over experts and no
     host sync. On CPU the prepacked paths take about a fifth less time, from one row per expert to a
     prefill's hundreds (docs/measurements.md); without them a decode-sized step's experts run grouped
-    too (run_experts), at the per-expert loop's speed and without its host sync."""
-    if kernel_experts(x, w):
+    too (run_experts), at the per-expert loop's speed and without its host sync. `rows`: the step's
+    assignments, when known (dense experts take the kernels for decode-sized steps only)."""
+    if rows is not None and kernel_experts(x, w, rows):
+        return True
+    if isinstance(w.gate_up, Mxfp4Stack) and isinstance(w.down, Mxfp4Stack) and triton_kernels(x.device):
         return True
     return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack)
             and w.gate_up.weight.dtype == torch.bfloat16 and w.down.weight.dtype == torch.bfloat16)
 
 
-def kernel_experts(x: torch.Tensor, w: ExpertWeights, rows: int | None = None) -> bool:
+def kernel_experts(x: torch.Tensor, w: ExpertWeights, rows: int) -> bool:
     """Whether the Triton grouped kernels (kernels/mxfp4_moe.py) compute w's experts for x: where the
     kernels run (capabilities.triton_kernels), always for MXFP4 stacks (the weights stay packed), for
     dense ones only up to decode-sized steps (`rows` assignments, sorted in one program), where one
@@ -118,7 +121,7 @@ def kernel_experts(x: torch.Tensor, w: ExpertWeights, rows: int | None = None) -
 
     dense = (isinstance(w.gate_up, DenseStack) and isinstance(w.down, DenseStack) and not is_prepacked(w)
              and w.gate_up.weight.dtype == x.dtype)
-    return dense and (rows is None or sorts_here(rows, w.count + 1))
+    return dense and sorts_here(rows, w.count + 1)
 
 
 def groups_on_cpu(x: torch.Tensor, w: ExpertWeights) -> bool:
@@ -134,7 +137,7 @@ def masked_experts(x: torch.Tensor, token_index: torch.Tensor, slots: torch.Tens
     expert shard under the device's dispatch): slots [N] positions in w's stack or -1 -> [N, H] fp32,
     exactly 0 where -1. Grouped, nothing is read on the host; elsewhere the rows are picked on the host."""
     mine = slots >= 0  # [N]
-    if uses_grouped_mm(x, w) or (slots.shape[0] <= ROW_BLOCK and groups_on_cpu(x, w)):
+    if uses_grouped_mm(x, w, slots.shape[0]) or (slots.shape[0] <= ROW_BLOCK and groups_on_cpu(x, w)):
         return grouped_experts(x, token_index, slots + w.first, gates, w, cfg, mine)
     keep = mine.nonzero().squeeze(1)  # a host read: the per-expert paths plan their rows on the host
     out = torch.zeros(slots.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
