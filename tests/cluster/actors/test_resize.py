@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.balancing.eplb import moved
 from cluster.config import ClusterConfig, EngineConfig, KVSpec, ModelSource
 from cluster.engine.autoscale import AutoscalePolicy, Autoscaler
 from cluster.engine.engine import Engine
@@ -120,10 +121,17 @@ def test_attention_replicas_1_2_1_while_requests_stream(cluster: Engine, referen
 
 
 def test_expert_shards_2_3_2_while_requests_stream(cluster: Engine, reference: list[Completion]) -> None:
+    ex = cluster.executor
+    start, before = ex.balancer.placement, ex.stats()
     stream = Stream(cluster)
     time.sleep(1.0)
     up, t_up = resize(cluster, shards=3)
     assert up.ok and up.shards == (2, 3) and cluster.counts() == (1, 3), up.error
+    new, after = ex.balancer.placement, ex.stats()
+    for j in range(2):  # the survivors read only the slices they gained
+        assert after.shards[j].slices_read - before.shards[j].slices_read == len(moved(start, new, j))
+    assert after.shards[2].slices_read == sum(map(len, new.shard(2)))  # the new shard: its own, once
+    assert sum(len(moved(start, new, j)) for j in range(2)) > 0  # shard 1 takes over part of shard 0's range
     shards = sorted((a.index, tuple(a.experts)) for a in cluster.executor.topology() if a.role == "expert_shard")
     e = cluster.model_config.num_experts
     assert shards == [(j, (j * e // 3, (j + 1) * e // 3)) for j in range(3)]
