@@ -35,7 +35,6 @@ from cluster.dataplane.messages import ActorInfo, ReplicaStep, RouterStep, StepR
 from cluster.dataplane.names import ENGINE, REPLICA_ROLE, ROUTER, ROUTER_ROLE, SHARD_ROLE, replica_name, shard_name
 from cluster.actors.placement import bundle, connect_ray, release, reserve
 from cluster.actors.rebalance import Rebalancer
-from cluster.actors.roles import Spec
 from cluster.telemetry import ExecutorStats
 from cluster.dataplane.dist_channel import GroupSpec
 from model_shards.syncs import DispatchCount
@@ -68,7 +67,6 @@ class ClusterExecutor(Executor):
         self._store = None  # the TCPStore of the torch.distributed groups, when a plane has any
         self.restarts = 0
 
-        self.placement0 = placement
         c = cluster
         members = [self.member(REPLICA_ROLE, i, placement) for i in range(c.attention_replicas)]
         members.append(self.member(ROUTER_ROLE, 0, placement))
@@ -102,7 +100,7 @@ class ClusterExecutor(Executor):
         if role == REPLICA_ROLE:
             return Member(replica_name(index), role, ReplicaSpec(source, index, kv, c.gpus_per_attention_replica > 0),
                           c.gpus_per_attention_replica, c.attention_replica_resources)
-        placement = placement or (self.balancer.placement if hasattr(self, "balancer") else self.placement0)
+        placement = placement or self.balancer.placement  # (the constructor passes the first placement)
         if role == ROUTER_ROLE:
             device = c.dispatch == "device" or (c.dispatch == "auto" and c.gpus_per_router > 0)
             return Member(ROUTER, role, RouterSpec(source, placement, c.eplb_window, c.gpus_per_router > 0,

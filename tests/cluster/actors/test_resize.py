@@ -249,12 +249,15 @@ def test_autoscale_adds_a_replica_for_a_burst_and_removes_it_after(ray_session, 
     try:
         outs = engine.generate(burst, params, timeout=240)
         assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not engine.resizes or engine.counts() != (1, 1):  # up (maybe only as the burst ends), then down
             assert time.monotonic() < deadline, engine.resizes
             time.sleep(0.1)
-        up, down = engine.resizes
-        assert up.ok and up.replicas == (1, 2) and up.reason == "autoscale: requests waiting"
-        assert down.ok and down.replicas == (2, 1) and down.reason == "autoscale: KV usage low"
+        up, down = engine.resizes[0], engine.resizes[-1]
+        # the burst fills the one replica's KV: requests wait (or, at its very end, the last one fills it)
+        assert up.ok and up.replicas == (1, 2), engine.resizes
+        assert up.reason in ("autoscale: requests waiting", "autoscale: KV usage high"), engine.resizes
+        assert down.ok and down.replicas == (2, 1) and down.reason == "autoscale: KV usage low", engine.resizes
+        assert all(r.ok for r in engine.resizes), engine.resizes
     finally:
         engine.shutdown()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from cluster.engine.engine import Engine
 from tests.deploy.conftest import client_for
 
