@@ -68,7 +68,8 @@ def test_sigterm_to_the_process_group_drains(tiny_hf: Path, vocab: Path, tmp_pat
     # a session of its own, as a supervisor starts it: the group signal below must not reach pytest
     proc = subprocess.Popen([gptoss_exe(), "--vocab-dir", str(vocab), "serve", "--port", str(port), "--model",
                              str(tiny_hf), "--served-model-name", "tiny", "--engine", "local", "--dtype", "float32",
-                             "--max-model-len", "2048", "--kv-cache-tokens", "4096"],
+                             "--max-model-len", "2048", "--kv-cache-tokens", "4096",
+                             "--drain-timeout", "110"],  # a loaded CI machine may take over 30 s for 1000 tokens
                             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
                             env={**os.environ, "GPTOSS_API_KEY": key})
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
