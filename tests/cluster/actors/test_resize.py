@@ -90,6 +90,18 @@ def resize(engine: Engine, replicas: int | None = None, shards: int | None = Non
     return outcome, time.monotonic()
 
 
+def scale_back(engine: Engine, stream: Stream, reference: list[Completion], t_up: float,
+               **counts: int) -> ResizeOutcome:
+    """The second resize of a round trip while the stream runs, then the stream stopped: no request
+    failed and every output is the reference's. -> the second resize's outcome."""
+    down, t_down = resize(engine, **counts)
+    time.sleep(0.5)
+    finished = stream.stop()
+    assert not stream.errors, stream.errors
+    check(finished, reference, [t_up, t_down])
+    return down
+
+
 def check(finished: list[Finished], reference: list[Completion], switched_at: list[float]) -> None:
     assert finished
     for f in finished:
@@ -111,12 +123,8 @@ def test_attention_replicas_1_2_1_while_requests_stream(cluster: Engine, referen
         assert time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.3)
-    down, t_down = resize(cluster, replicas=1)
+    down = scale_back(cluster, stream, reference, t_up, replicas=1)
     assert down.ok and down.replicas == (2, 1) and cluster.counts() == (1, 2), down.error
-    time.sleep(0.5)
-    finished = stream.stop()
-    assert not stream.errors, stream.errors
-    check(finished, reference, [t_up, t_down])
     assert [a.role for a in cluster.executor.topology()].count("attention_replica") == 1
 
 
@@ -139,12 +147,8 @@ def test_expert_shards_2_3_2_while_requests_stream(cluster: Engine, reference: l
     # every shard switched to the new placement with its first request (the survivors had staged it)
     stats = cluster.executor.stats()
     assert [s.placement for s in stats.shards] == [cluster.executor.balancer.placement.version] * 3
-    down, t_down = resize(cluster, shards=2)
+    down = scale_back(cluster, stream, reference, t_up, shards=2)
     assert down.ok and down.shards == (3, 2) and cluster.counts() == (1, 2), down.error
-    time.sleep(0.5)
-    finished = stream.stop()
-    assert not stream.errors, stream.errors
-    check(finished, reference, [t_up, t_down])
     assert len(cluster.executor.stats().shards) == 2
 
 
